@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from utils.measure import (
+    Timing,
+    benchmark,
+    count_parameters,
+    describe_machine,
+    peak_memory_bytes,
+    process_peak_rss_bytes,
+)
+
+
+def test_benchmark_calls_warmup_plus_repeats_and_reports_the_median():
+    calls = []
+    timing = benchmark(lambda: calls.append(1), repeats=4, warmup=2)
+    assert len(calls) == 6
+    assert len(timing.times_s) == 4
+    assert timing.min_s <= timing.median_s
+    assert "4 repeats" in repr(timing)
+
+
+def test_timing_median_of_known_values():
+    assert Timing([3.0, 1.0, 2.0]).median_s == 2.0
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"repeats": -3}, {"warmup": -1}, {"repeats": 2.5}])
+def test_benchmark_rejects_non_positive_sizes(kwargs):
+    with pytest.raises(ValueError, match="must be an int"):
+        benchmark(lambda: None, **kwargs)
+
+
+def test_benchmark_rejects_non_callables():
+    with pytest.raises(TypeError, match="callable"):
+        benchmark(42)
+
+
+def test_peak_memory_counts_the_intermediate_tensors():
+    n = 512
+    a = torch.randn(n, n)
+
+    def work():
+        b = a @ a  # one n*n float32 tensor ...
+        c = b + 1  # ... and a second one alive at the same time
+        return c.sum()
+
+    peak = peak_memory_bytes(work)
+    assert 2 * n * n * 4 <= peak < 3 * n * n * 4
+
+
+def test_peak_memory_is_zero_for_no_allocation():
+    assert peak_memory_bytes(lambda: None) == 0
+
+
+def test_peak_memory_rejects_other_devices():
+    with pytest.raises(ValueError, match="'cpu' and 'cuda'"):
+        peak_memory_bytes(lambda: None, device="meta")
+
+
+def test_count_parameters_counts_shared_tensors_once_and_trainable_only():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as in SmolLM2
+    model = torch.nn.ModuleDict({"emb": emb, "head": head, "norm": torch.nn.LayerNorm(4)})
+    assert count_parameters(model) == 40 + 8
+    model["norm"].requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == 40
+
+
+def test_count_parameters_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        count_parameters([torch.zeros(3)])
+
+
+def test_machine_description_and_rss():
+    text = describe_machine()
+    assert "core" in text and "torch" in text
+    assert process_peak_rss_bytes() > 10 * 2**20

@@ -1,0 +1,32 @@
+"""``utils``: the one package every chapter of *LLMs, Executed* imports.
+
+Modules (each short enough to read in one sitting):
+
+- :mod:`utils.repro`     seeds and device selection
+- :mod:`utils.measure`   median timings, peak memory, parameter counts, the machine's name
+- :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
+- :mod:`utils.data`      readers for the datasets in ``data/``
+- :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
+- :mod:`utils.attention` attention as taught in Part 1, reused by later chapters
+"""
+from utils.book import ChapterClock, glue, progress, show_source, use_book_style
+from utils.measure import benchmark, count_parameters, describe_machine, peak_memory_bytes
+from utils.models import load_embedder, load_llm, mean_pool
+from utils.repro import get_device, seed_everything
+
+__all__ = [
+    "ChapterClock",
+    "benchmark",
+    "count_parameters",
+    "describe_machine",
+    "get_device",
+    "glue",
+    "load_embedder",
+    "load_llm",
+    "mean_pool",
+    "peak_memory_bytes",
+    "progress",
+    "seed_everything",
+    "show_source",
+    "use_book_style",
+]

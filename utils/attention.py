@@ -1,0 +1,88 @@
+"""Attention, written once for the whole book (taught in Part 1, "Attention").
+
+$$ \\operatorname{Attention}(Q, K, V) = \\operatorname{softmax}\\!\\left(\\frac{Q K^\\top}{\\sqrt{d_k}} + M\\right) V $$
+
+where the mask $M$ holds $0$ where a query may look and $-\\infty$ where it may not.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask, True where query i may attend to key j (j <= i, aligned to the last key)."""
+    n_keys = n_queries if n_keys is None else n_keys
+    if n_queries <= 0 or n_keys <= 0:
+        raise ValueError(f"sizes must be positive, got n_queries={n_queries}, n_keys={n_keys}")
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Boolean mask of shape (batch, 1, 1, max_len), True at real tokens, False at padding."""
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    if (lengths <= 0).any() or (lengths > max_len).any():
+        raise ValueError(f"lengths must be in [1, {max_len}], got {lengths.tolist()}")
+    positions = torch.arange(max_len, device=lengths.device)
+    return (positions[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    return_weights: bool = False,
+):
+    """Attention for tensors shaped (..., seq, d). ``mask`` is boolean (True = may attend) and broadcasts
+    to (..., n_queries, n_keys). Same semantics as ``torch.nn.functional.scaled_dot_product_attention``
+    with a boolean ``attn_mask``.
+    """
+    d_k = q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (..., n_q, n_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    out = weights @ v
+    return (out, weights) if return_weights else out
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: project, split into heads, attend, concatenate, project.
+
+    $$ \\operatorname{MHA}(X_q, X_{kv}) = \\operatorname{Concat}(\\text{head}_1, \\dots, \\text{head}_h) W^O,
+       \\quad \\text{head}_i = \\operatorname{Attention}(X_q W^Q_i, X_{kv} W^K_i, X_{kv} W^V_i) $$
+
+    Self-attention passes the same sequence as query and key/value; cross-attention passes two.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model, bias=bias)
+        self.w_k = nn.Linear(d_model, d_model, bias=bias)
+        self.w_v = nn.Linear(d_model, d_model, bias=bias)
+        self.w_o = nn.Linear(d_model, d_model, bias=bias)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d_model) -> (b, h, n, d_head)
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ):
+        x_kv = x_q if x_kv is None else x_kv
+        q, k, v = self._split(self.w_q(x_q)), self._split(self.w_k(x_kv)), self._split(self.w_v(x_kv))
+        out, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+        b, _, n, _ = out.shape
+        out = self.w_o(out.transpose(1, 2).reshape(b, n, self.n_heads * self.d_head))
+        return (out, weights) if return_weights else out

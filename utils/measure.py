@@ -1,0 +1,165 @@
+"""Measurement helpers: median timings, peak memory, parameter counts, the machine's name.
+
+Timings are reported as the median of repeats and never asserted: a chapter prints them in
+a table (usually as a ratio measured in one run), where the reader sees them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Wall-clock times of repeated calls, in seconds."""
+
+    times_s: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.times_s)
+
+    def __repr__(self) -> str:
+        return f"Timing(median={self.median_s * 1e3:.3f} ms over {len(self.times_s)} repeats)"
+
+
+def benchmark(
+    fn: Callable[[], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    On CUDA, pass ``device`` so the GPU is synchronised before each clock read.
+    Use :attr:`Timing.median_s`: the median shrugs off a stray slow repeat.
+    """
+    _check_positive("repeats", repeats)
+    _check_positive("warmup", warmup, minimum=0)
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing(times)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C-level stderr (the profiler prints start/stop lines there)."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated *while* ``fn()`` runs (above what was live before).
+
+    - CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak.
+    - CPU: torch's profiler records every tensor allocation and free with the running total;
+      we take the highest total it reached. This counts tensors only (not Python objects),
+      and it is exact and repeatable, unlike sampling the process's resident memory.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - before)
+    if dev.type != "cpu":
+        raise ValueError(f"peak_memory_bytes supports 'cpu' and 'cuda', got {device!r}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        with _quiet_stderr():
+            prof.export_chrome_trace(trace)
+        with open(trace) as fh:
+            events = json.load(fh)["traceEvents"]
+    totals = [
+        (e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
+    if not totals:
+        return 0
+    first_total, first_bytes = totals[0]
+    baseline = first_total - first_bytes
+    return max(0, max(total for total, _ in totals) - baseline)
+
+
+def process_peak_rss_bytes() -> int:
+    """The highest resident memory this process has used so far (Linux/macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors, such as tied embeddings, counted once)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in params.values())
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> str:
+    """One line naming the machine a measurement ran on (CPU, cores, memory, GPU, torch)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        mem = f", {mem_gib:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    gpu = f", GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cores}-core {_cpu_model_name()}{mem}{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
