@@ -120,17 +120,17 @@ def _convert_gguf(name: str, target: Path) -> None:
     folder = asset_folder(name)
     _check_file(folder / asset.gguf_file, name)
     print(f"Converting {asset.gguf_file} to float32 safetensors once (about 30 s); cached at {target}")
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # unique: parallel test workers
     with _no_progress_bars():  # one line above instead of hundreds of progress updates
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=asset.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=asset.gguf_file, dtype=torch.float32)
-    # The GGUF loader marks the model as quantized, and save_pretrained refuses such models;
-    # the weights are already plain float32 tensors, so the markers can go.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # unique: parallel test workers
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+        # The GGUF loader marks the model as quantized, and save_pretrained refuses such models;
+        # the weights are already plain float32 tensors, so the markers can go.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     (tmp / "SOURCE.json").write_text(
         json.dumps({"format": _CACHE_FORMAT, "package": asset.pip_spec, "gguf_file": asset.gguf_file}, indent=1)
     )
