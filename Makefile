@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 # Convert the packaged GGUF model once (about 30-40 s), so no chapter pays for it.
 assets: setup
-	$(BIN)/python -m utils.models
+	$(BIN)/python -c "from utils.models import prepare_assets; prepare_assets()"
 
 # Execute every chapter (a failing cell fails the build) and build the site, warnings as errors.
 book: assets

@@ -40,3 +40,11 @@ def test_chapter_clock_reports_runtime_memory_and_machine():
     assert stats["t_runtime_min"] >= 0
     assert stats["t_peak_rss_gib"] > 0
     assert "core" in stats["t_machine"]
+
+
+def test_glue_turns_numpy_and_torch_scalars_into_python_numbers():
+    import numpy as np
+    import torch
+
+    assert type(book.glue("np_scalar", np.float64(1.5))) is float
+    assert type(book.glue("torch_scalar", torch.tensor(3))) is int

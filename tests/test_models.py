@@ -110,3 +110,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMS_EXECUTED_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "llms-executed"
+
+
+def test_prepare_assets_names_both_models(capsys):
+    models.prepare_assets()
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "all-minilm-l6-v2" in out

@@ -39,8 +39,11 @@ def show_source(obj: object) -> object:
 def glue(name: str, value: object, display: bool = False) -> object:
     """Store ``value`` under ``name`` for the prose (``{glue:text}`name```) via myst-nb.
 
-    Outside a book build without myst-nb installed (e.g. in Colab) this only returns the value.
+    NumPy and one-element torch scalars are stored as plain Python numbers, so that format specs such
+    as ``:.2f`` work in the prose. Without myst-nb (e.g. in Colab) this only returns the value.
     """
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     try:
         from myst_nb import glue as _glue
     except ImportError:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,26 +103,28 @@ def _check_file(path: Path, name: str) -> Path:
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """transformers draws progress bars on stderr for each load; in a built page they are just noise."""
-    from transformers.utils import logging as hf_logging
+    # stderr: the GGUF converter's own tqdm bar; warnings: tqdm.auto's "IProgress not found"
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF converter's own tqdm bar
+        hf_logging.disable_progress_bar()
+        try:
             yield
-    finally:
-        hf_logging.enable_progress_bar()
+        finally:
+            hf_logging.enable_progress_bar()
 
 
 def _convert_gguf(name: str, target: Path) -> None:
     """Dequantize the packaged GGUF once and save model + tokenizer as safetensors in ``target``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     asset = KNOWN_MODELS[name]
     folder = asset_folder(name)
     _check_file(folder / asset.gguf_file, name)
     print(f"Converting {asset.gguf_file} to float32 safetensors once (about 30 s); cached at {target}")
     tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # unique: parallel test workers
     with _no_progress_bars():  # one line above instead of hundreds of progress updates
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=asset.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=asset.gguf_file, dtype=torch.float32)
         # The GGUF loader marks the model as quantized, and save_pretrained refuses such models;
@@ -174,8 +177,6 @@ def load_llm(
     ``name`` is a known offline model (see ``KNOWN_MODELS``) or a Hub id such as
     ``"HuggingFaceTB/SmolLM2-360M-Instruct"`` (needs the internet).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev = get_device(device)
     if "/" in name:  # a Hugging Face Hub id: readers online only
         source: str | Path = name
@@ -183,6 +184,8 @@ def load_llm(
         source = converted_model_dir(name)
     try:
         with _no_progress_bars():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix attached
@@ -202,11 +205,11 @@ def load_embedder(
     Sentence embeddings are the mean of the token vectors over real (non-padding) tokens,
     normalised to length 1: see :func:`mean_pool`.
     """
-    from transformers import AutoModel, AutoTokenizer
-
     dev = get_device(device)
     source: str | Path = name if "/" in name else embedder_path(name)
     with _no_progress_bars():
+        from transformers import AutoModel, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModel.from_pretrained(source)
     return model.to(dev).eval(), tokenizer
@@ -236,7 +239,8 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
     return torch.nn.functional.normalize(pooled, p=2, dim=-1)
 
 
-if __name__ == "__main__":  # `python -m utils.models`: prepare the offline models once
-    llm_dir = converted_model_dir()
-    print(f"smollm2-135m-instruct: safetensors cache at {llm_dir}")
+
+def prepare_assets() -> None:
+    """Convert the packaged LLM once and check the embedder is installed (``make assets``)."""
+    print(f"smollm2-135m-instruct: safetensors cache at {converted_model_dir()}")
     print(f"all-minilm-l6-v2: model folder at {embedder_path()}")
