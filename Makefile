@@ -6,6 +6,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
+# Chapters executed by `make book` or `make test` print progress as one final line (utils.progress).
+export LLMS_EXECUTED_BUILD := 1
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup assets book test unit nbval site-from-executed clean
@@ -27,7 +29,7 @@ book: assets
 	$(BIN)/jupyter-book build . -W --keep-going
 
 unit: setup
-	$(BIN)/python -m pytest tests -q --cov=utils --cov-report=term-missing --cov-fail-under=90
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --cov=utils --cov-report=term-missing --cov-fail-under=90
 
 # nbval executes each chapter once, two at a time; --save-executed keeps the outputs for the site.
 nbval: assets

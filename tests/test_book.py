@@ -24,10 +24,19 @@ def test_glue_returns_the_value_with_and_without_myst_nb(monkeypatch):
     assert book.glue("answer", 43) == 43
 
 
-def test_progress_is_a_plain_text_bar_on_stdout(capsys):
+def test_progress_is_a_plain_text_bar_on_stdout_interactively(capsys, monkeypatch):
+    monkeypatch.delenv("LLMS_EXECUTED_BUILD", raising=False)
     assert list(book.progress(range(3), desc="counting")) == [0, 1, 2]
     out = capsys.readouterr().out
     assert "counting" in out and "3/3" in out
+
+
+def test_progress_prints_one_summary_line_in_a_book_build(capsys, monkeypatch):
+    monkeypatch.setenv("LLMS_EXECUTED_BUILD", "1")
+    assert list(book.progress(iter("abcd"), desc="letters")) == list("abcd")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "\r" not in out
+    assert out.startswith("letters: 4 iterations in ")
 
 
 def test_book_style_sets_an_opaque_white_figure():

@@ -3,10 +3,11 @@ one plotting style, and the measured resource card."""
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 from utils.measure import describe_machine, process_peak_rss_bytes
 from utils.paths import REPO_ROOT
@@ -52,15 +53,24 @@ def glue(name: str, value: object, display: bool = False) -> object:
     return value
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterable[T]:
-    """A plain-text progress bar that renders as one line in the built book.
+def progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
+    """A progress bar that renders as one line both in Jupyter/Colab and in the built book.
 
-    ``tqdm.auto`` picks the widget bar in notebooks, which a static page shows as many
-    scattered outputs (or not at all); the plain bar on stdout folds into one line.
+    Interactively: a plain-text ``tqdm`` bar on stdout (``tqdm.auto`` would pick a widget bar, which a
+    static page shows as scattered outputs or not at all). While the book is being built or tested
+    (``LLMS_EXECUTED_BUILD=1``, set by the Makefile), the page cannot redraw a line, so the
+    bar's many updates would pile up; then one summary line is printed at the end instead.
     """
-    from tqdm.std import tqdm
+    if os.environ.get("LLMS_EXECUTED_BUILD") != "1":
+        from tqdm.std import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, file=sys.stdout, ascii=True, mininterval=2.0, ncols=80)
+        yield from tqdm(iterable, desc=desc, total=total, file=sys.stdout, ascii=True, ncols=80)
+        return
+    start, count = time.perf_counter(), 0
+    for count, item in enumerate(iterable, start=1):
+        yield item
+    elapsed = time.perf_counter() - start
+    print(f"{desc}: {count} iterations in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s/it)")
 
 
 def use_book_style() -> None:
