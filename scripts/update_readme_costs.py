@@ -44,10 +44,10 @@ def cost_table(executed: Path) -> str:
     if not rows:
         raise SystemExit(f"No executed chapters under {executed}: run `make nbval` first.")
     today = datetime.date.today().isoformat()
+    shared = " two at a time (so each shared the machine with another)" if len(rows) > 1 else ""
     header = (
-        f"Measured on {'; '.join(sorted(machines))}, {today}, while `make nbval` executed the chapters "
-        "two at a time (so each shared the machine with another):\n\n"
-        "| Chapter | Run time | Peak memory |\n|---|---|---|"
+        f"Measured on {'; '.join(sorted(machines))}, {today}, while `make nbval` executed "
+        f"the chapters{shared}:\n\n| Chapter | Run time | Peak memory |\n|---|---|---|"
     )
     return "\n".join([header, *rows])
 

@@ -116,3 +116,12 @@ def test_prepare_assets_names_both_models(capsys):
     models.prepare_assets()
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "all-minilm-l6-v2" in out
+
+
+def test_unreadable_cache_marker_says_which_folder_to_delete(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMS_EXECUTED_CACHE", str(tmp_path))
+    broken = tmp_path / "smollm2-135m-instruct"
+    broken.mkdir()
+    (broken / "SOURCE.json").write_text("{truncated")
+    with pytest.raises(ModelCacheError, match="Delete the cache at"):
+        models.converted_model_dir()

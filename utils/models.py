@@ -153,7 +153,10 @@ def converted_model_dir(name: str = "smollm2-135m-instruct") -> Path:
         asset_folder(name)  # fail early, with the install command, if the package is missing
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(name, target)
-    source = json.loads((target / "SOURCE.json").read_text())
+    try:
+        source = json.loads((target / "SOURCE.json").read_text())
+    except (OSError, ValueError) as err:
+        raise _corrupt_cache(target, err) from err
     if source.get("format") != _CACHE_FORMAT or source.get("package") != asset.pip_spec:
         _convert_gguf(name, target)
     return target

@@ -1,8 +1,10 @@
 """Loaded into every Python process of a CI run (through PYTHONPATH), kernels included.
 
-Blocks any connection that leaves this machine: the book must build and test offline. A blocked
-attempt raises ``OSError`` and is also appended to ``$NETGUARD_LOG``, so CI fails even when a
-library catches the error and carries on quietly.
+Blocks Python-level network access that leaves this machine: TCP/UDP ``connect`` to a non-loopback
+address and name lookups (``getaddrinfo``) of any host other than this one. The book must build and
+test offline. A blocked attempt raises ``OSError`` and is also appended to ``$NETGUARD_LOG``, so CI
+fails even when a library catches the error and carries on quietly. (Native code that opens its own
+sockets is not covered; ``HF_HUB_OFFLINE=1`` keeps the Hugging Face clients from trying.)
 """
 import ipaddress
 import os
@@ -44,5 +46,20 @@ def connect_ex(self, address):
     return _connect_ex(self, address)
 
 
+_getaddrinfo = socket.getaddrinfo
+_LOCAL_NAMES = {None, "", "localhost", socket.gethostname()}
+
+
+def getaddrinfo(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    if name not in _LOCAL_NAMES:
+        try:
+            ipaddress.ip_address(name)  # an address literal: connect() judges it
+        except ValueError:
+            _refuse(name)
+    return _getaddrinfo(host, *args, **kwargs)
+
+
 socket.socket.connect = connect
 socket.socket.connect_ex = connect_ex
+socket.getaddrinfo = getaddrinfo
