@@ -9,6 +9,12 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
 - :mod:`utils.attention` attention as taught in Part 1, reused by later chapters
 """
+import warnings
+
+# tqdm.auto warns that ipywidgets is missing whenever transformers imports it. The book never uses
+# widget progress bars (a static page cannot show them; see utils.progress), so the warning is noise.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 from utils.book import ChapterClock, glue, progress, show_source, use_book_style
 from utils.measure import benchmark, count_parameters, describe_machine, peak_memory_bytes
 from utils.models import load_embedder, load_llm, mean_pool

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.attention import causal_mask, scaled_dot_product_attention
+from utils.positions import rope_frequencies
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,10 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     """cos and sin of the rotation angles $p\\,\\theta^{-2i/d}$, shape (len(positions), head_dim).
 
     Each frequency appears twice (first half, second half): dimension $i$ is paired with $i + d/2$.
+    The frequencies are the positions chapter's :func:`utils.positions.rope_frequencies`; here cos and
+    sin are computed once per forward pass and shared by every layer.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta).to(positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (n, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (n, head_dim)
     return angles.cos(), angles.sin()
