@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from utils.attention import causal_mask, scaled_dot_product_attention
 from utils.positions import rope_frequencies
@@ -187,6 +188,8 @@ class Llama(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one matrix, used twice
+        # Recompute each block's activations in the backward pass instead of storing them (training only)
+        self.gradient_checkpointing = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -203,7 +206,10 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.tok_emb(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
 
 
