@@ -31,13 +31,15 @@ def glued_values(notebook: nbformat.NotebookNode) -> dict[str, object]:
 
 
 def cost_table(executed: Path) -> str:
-    rows, machines = [], set()
+    rows, machines, minutes, peaks = [], set(), 0.0, []
     for path in sorted(executed.glob("chapters/**/*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         values = glued_values(notebook)
         title = next(c.source.splitlines()[0].lstrip("# ") for c in notebook.cells if c.cell_type == "markdown")
         rel = path.relative_to(executed).as_posix()
         machines.add(values["chapter_machine"])
+        minutes += values["chapter_runtime_min"]
+        peaks.append(values["chapter_peak_rss_gib"])
         rows.append(
             f"| {title} (`{rel}`) | {values['chapter_runtime_min']:.1f} min | {values['chapter_peak_rss_gib']:.1f} GiB |"
         )
@@ -49,7 +51,8 @@ def cost_table(executed: Path) -> str:
         f"Measured on {'; '.join(sorted(machines))}, {today}, while `make nbval` executed "
         f"the chapters{shared}:\n\n| Chapter | Run time | Peak memory |\n|---|---|---|"
     )
-    return "\n".join([header, *rows])
+    total = f"| **All {len(rows)} chapters** (sum of run times; largest peak) | {minutes:.1f} min | {max(peaks):.1f} GiB |"
+    return "\n".join([header, *rows, total])
 
 
 def main(executed_dir: str = "_build/executed") -> None:
