@@ -32,8 +32,10 @@ unit: setup
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider --cov=utils --cov-report=term-missing --cov-fail-under=90
 
 # nbval executes each chapter once, two at a time; --save-executed keeps the outputs for the site.
+# One thread per chapter: two chapters with two threads each on two cores would oversubscribe the CPU
+# (PyTorch's worker threads spin while they wait, and everything slows down).
 nbval: assets
-	$(BIN)/python -m pytest chapters --nbval-lax --nbval-cell-timeout=1200 -n 2 --dist loadfile \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest chapters --nbval-lax --nbval-cell-timeout=1200 -n 2 --dist loadfile \
 		-p no:cacheprovider --save-executed _build/executed -q
 
 test: unit nbval
