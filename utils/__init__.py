@@ -8,6 +8,12 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.data`      readers for the datasets in ``data/``
 - :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
 - :mod:`utils.attention` attention as taught in Part 1, reused by later chapters
+- :mod:`utils.tokenization` byte-level BPE, trained and applied (equal to the ``tokenizers`` library)
+- :mod:`utils.positions` sinusoidal, rotary and ALiBi position information
+- :mod:`utils.llama`     SmolLM2's architecture from scratch; parameter, memory and FLOP formulas
+- :mod:`utils.pretrain`  data pipeline, schedule and training loop for small models trained from scratch
+- :mod:`utils.decoding`  greedy, sampling, top-k/top-p, beam search and best-of-N on the KV cache
+- :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
 """
 import warnings
 
