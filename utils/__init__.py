@@ -14,6 +14,7 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.pretrain`  data pipeline, schedule and training loop for small models trained from scratch
 - :mod:`utils.decoding`  greedy, sampling, top-k/top-p, beam search and best-of-N on the KV cache
 - :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
+- :mod:`utils.quant`     absmax / zero-point integers, NF4 with block-wise scales, double quantization
 """
 import warnings
 
