@@ -87,3 +87,34 @@ def test_multi_head_attention_matches_torch_for_self_and_cross_attention():
 def test_multi_head_attention_rejects_bad_sizes(d_model, n_heads):
     with pytest.raises(ValueError, match="multiple of n_heads"):
         MultiHeadAttention(d_model, n_heads)
+
+
+@pytest.mark.parametrize("n_q, n_k, causal, block", [
+    (100, 100, False, 32), (100, 100, True, 32), (257, 257, True, 64), (64, 300, False, 128),
+    (50, 130, True, 16), (7, 7, True, 128),
+])
+def test_flash_attention_equals_sdpa_and_naive(n_q, n_k, causal, block):
+    from utils.attention import flash_attention
+    g = torch.Generator().manual_seed(n_q + n_k)
+    q = torch.randn(2, 3, n_q, 16, generator=g)
+    k = torch.randn(2, 3, n_k, 16, generator=g)
+    v = torch.randn(2, 3, n_k, 8, generator=g)
+    ours = flash_attention(q, k, v, causal=causal, block_size=block)
+    mask = causal_mask(n_q, n_k) if causal else None
+    torch.testing.assert_close(ours, scaled_dot_product_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    if n_q == n_k or not causal:
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_rejects_bad_input():
+    from utils.attention import flash_attention
+    q, k, v = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 5)
+    with pytest.raises(ValueError, match="block_size"):
+        flash_attention(q, k, v, block_size=0)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        flash_attention(q, torch.randn(6, 7), v)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        flash_attention(q, k, torch.randn(5, 5))
+    with pytest.raises(ValueError, match="n_q <= n_k"):
+        flash_attention(torch.randn(9, 8), k, v, causal=True)

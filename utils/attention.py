@@ -86,3 +86,47 @@ class MultiHeadAttention(nn.Module):
         b, _, n, _ = out.shape
         out = self.w_o(out.transpose(1, 2).reshape(b, n, self.n_heads * self.d_head))
         return (out, weights) if return_weights else out
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    block_size: int = 128) -> torch.Tensor:
+    """Exact attention computed one (query block, key block) tile at a time: FlashAttention's algorithm.
+
+    The $n_q \\times n_k$ score matrix is never stored. For each block of queries we keep a running
+    maximum $m$, a running softmax denominator $\\ell$ and an unnormalised output $O$; when a new key block
+    raises the maximum from $m$ to $m'$, what was accumulated is rescaled by $e^{m - m'}$ (the online
+    softmax). Tensors are shaped (..., seq, d); ``causal`` aligns query $i$ with key $i + n_k - n_q$,
+    like :func:`causal_mask`. Extra memory: a few (block, block) tiles instead of (n_q, n_k).
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                         "need q (..., n_q, d), k (..., n_k, d), v (..., n_k, d_v)")
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if causal and n_q > n_k:
+        raise ValueError(f"causal attention needs n_q <= n_k (queries are the last n_q positions), "
+                         f"got n_q={n_q}, n_k={n_k}")
+    offset = n_k - n_q  # absolute position of query 0
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for q0 in range(0, n_q, block_size):
+        q_blk = q[..., q0:q0 + block_size, :] / math.sqrt(q.shape[-1])
+        rows = q_blk.shape[-2]
+        m = torch.full((*q_blk.shape[:-1],), float("-inf"), dtype=q.dtype, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(*q_blk.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        k_stop = min(n_k, offset + q0 + rows) if causal else n_k  # later keys are all masked
+        for k0 in range(0, k_stop, block_size):
+            scores = q_blk @ k[..., k0:k0 + block_size, :].transpose(-2, -1)  # (..., rows, cols)
+            if causal:
+                q_pos = offset + q0 + torch.arange(rows, device=q.device)
+                k_pos = k0 + torch.arange(scores.shape[-1], device=q.device)
+                scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            m_new = torch.maximum(m, scores.amax(dim=-1))
+            p = torch.exp(scores - m_new[..., None])  # this tile's unnormalised weights
+            rescale = torch.exp(m - m_new)  # shrink what was accumulated under the old maximum
+            l = l * rescale + p.sum(dim=-1)
+            acc = acc * rescale[..., None] + p @ v[..., k0:k0 + block_size, :]
+            m = m_new
+        out[..., q0:q0 + block_size, :] = acc / l[..., None]
+    return out
