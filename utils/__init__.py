@@ -7,7 +7,7 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
 - :mod:`utils.data`      readers for the datasets in ``data/``
 - :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
-- :mod:`utils.attention` attention as taught in Part 1, reused by later chapters
+- :mod:`utils.attention` attention as taught in Part 1 (and FlashAttention's tiled form), reused later
 - :mod:`utils.tokenization` byte-level BPE, trained and applied (equal to the ``tokenizers`` library)
 - :mod:`utils.positions` sinusoidal, rotary and ALiBi position information
 - :mod:`utils.llama`     SmolLM2's architecture from scratch; parameter, memory and FLOP formulas
@@ -15,6 +15,8 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.decoding`  greedy, sampling, top-k/top-p, beam search and best-of-N on the KV cache
 - :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
 - :mod:`utils.quant`     absmax / zero-point integers, NF4 with block-wise scales, double quantization
+- :mod:`utils.lora`      LoRA and DoRA layers from scratch (equal to peft), merging, adapters on disk
+- :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
 """
 import warnings
 
