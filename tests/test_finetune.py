@@ -1,0 +1,136 @@
+"""Tests for utils.finetune on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download)."""
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from utils.finetune import (answer_positions, label_logits, label_token_ids, pad_cached, response_loss,
+                            score_labels, top_forward, trunk_cache)
+from utils.sft import IGNORE_INDEX, build_example, collate, masked_lm_loss
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["The movie was great, a positive review.", "The film was dull and bad: negative.",
+          "user assistant system Is this review positive or negative?"] * 5
+PAIRS = [("Review: great fun", "positive"), ("Review: dull and bad, a very long and boring film", "negative"),
+         ("Review: a great film", "positive")]
+LABELS = ["positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+
+
+def tiny_llama(tokenizer, attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      attn_implementation=attn)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request, tokenizer) -> LlamaForCausalLM:
+    return tiny_llama(tokenizer, request.param)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer) -> list[dict]:
+    return [build_example(tokenizer, p, a) for p, a in PAIRS]
+
+
+@pytest.mark.parametrize("n_top", [1, 2, 3])
+def test_split_forward_equals_the_whole_model(model, tokenizer, examples, n_top):
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+        H, Y = pad_cached(trunk_cache(model, examples, n_top, tokenizer.pad_token_id, batch_size=2))
+        ours = model.lm_head(top_forward(model, H, n_top))
+    assert torch.equal(Y, batch["labels"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+def test_response_loss_equals_masked_lm_loss_and_the_models_own(model, tokenizer, examples):
+    batch = collate(examples, tokenizer.pad_token_id)
+    out = model(**batch, output_hidden_states=True)
+    expected = masked_lm_loss(out.logits, batch["labels"])
+    torch.testing.assert_close(response_loss(model, out.hidden_states[-1], batch["labels"]), expected)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_gradients_reach_only_the_top(tokenizer, examples):
+    model = tiny_llama(tokenizer, "sdpa")
+    H, Y = pad_cached(trunk_cache(model, examples, 1, tokenizer.pad_token_id))
+    assert not H.requires_grad and model.training is False
+    response_loss(model, top_forward(model, H, 1), Y).backward()
+    assert model.model.layers[2].mlp.up_proj.weight.grad is not None
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None
+
+
+def test_label_scores_from_cache_equal_whole_model_scores(model, tokenizer, examples):
+    ids = label_token_ids(tokenizer, PAIRS[0][0], LABELS)
+    assert ids == [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("positive")[:1]] + \
+        [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("negative")[:1]]
+    with torch.no_grad():
+        H, Y = pad_cached(trunk_cache(model, examples, 2, tokenizer.pad_token_id))
+        cached = label_logits(model, top_forward(model, H, 2), Y, ids)
+    model.train()
+    whole = score_labels(model, tokenizer, [p for p, _ in PAIRS], LABELS, batch_size=2)
+    assert model.training  # restored
+    model.eval()
+    assert whole.shape == (len(PAIRS), 2)
+    torch.testing.assert_close(cached, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_answer_positions(tokenizer, examples):
+    Y = collate(examples, tokenizer.pad_token_id)["labels"]
+    first = [ex["labels"].index(ex["input_ids"][next(i for i, y in enumerate(ex["labels"]) if y != -100)])
+             for ex in examples]
+    assert answer_positions(Y).tolist() == [f - 1 for f in first]
+
+
+def test_bad_inputs(model, tokenizer, examples):
+    with pytest.raises(ValueError, match="n_top"):
+        trunk_cache(model, examples, 0, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="n_top"):
+        top_forward(model, torch.zeros(1, 2, 32), 4)
+    with pytest.raises(TypeError, match="model.model.layers"):
+        top_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2, 32), 1)
+    with pytest.raises(ValueError, match="no examples"):
+        trunk_cache(model, [], 1, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="batch_size"):
+        trunk_cache(model, examples, 1, tokenizer.pad_token_id, batch_size=0)
+    with pytest.raises(ValueError, match="no items"):
+        pad_cached([])
+    with pytest.raises(ValueError, match="positions"):
+        pad_cached([(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(ValueError, match="batch, seq, d"):
+        top_forward(model, torch.zeros(2, 32), 1)
+    with pytest.raises(ValueError, match="need hidden"):
+        response_loss(model, torch.zeros(1, 3, 32), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="no token"):
+        response_loss(model, torch.zeros(1, 3, 32), torch.full((1, 3), IGNORE_INDEX))
+    with pytest.raises(ValueError, match="batch, seq"):
+        answer_positions(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="response"):
+        answer_positions(torch.full((1, 3), IGNORE_INDEX))
+    with pytest.raises(ValueError, match="at least two"):
+        label_token_ids(tokenizer, "Review: fun", ["positive"])
+    with pytest.raises(ValueError, match="same token"):
+        label_token_ids(tokenizer, "Review: fun", ["positive", "positively"])
+    with pytest.raises(ValueError, match="no prompts"):
+        score_labels(model, tokenizer, [], LABELS)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_labels(model, tokenizer, ["Review: fun"], LABELS, batch_size=0)

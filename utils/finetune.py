@@ -1,0 +1,188 @@
+"""Cheap supervised fine-tuning on a CPU: a frozen trunk computed once, a trainable top (Part 2).
+
+A causal LM with $L$ decoder layers is split at layer $L - k$. The bottom $L - k$ layers (and the
+embeddings) are frozen, so their output for an example never changes: :func:`trunk_cache` computes it
+once per example. Training and evaluation then run only the top $k$ layers (:func:`top_forward`) on the
+cached hidden states. Works with ``transformers``' Llama-family models (``model.model.layers``,
+``model.model.norm``, ``model.model.rotary_emb``, ``model.lm_head``), such as SmolLM2.
+
+- :func:`trunk_cache`, :func:`pad_cached`, :func:`top_forward`: the split forward pass.
+- :func:`response_loss`: the response-only loss, projecting to the vocabulary only where it is needed.
+- :func:`answer_positions`, :func:`label_token_ids`, :func:`label_logits`: classification by comparing
+  the logits of each label's first token at the position that predicts the answer.
+- :func:`score_labels`: the same scores from the whole model, one forward pass per prompt.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.sft import IGNORE_INDEX, _chat_ids, _messages, build_example, collate
+
+
+def _n_layers(model: nn.Module) -> int:
+    try:
+        return len(model.model.layers)
+    except AttributeError:
+        raise TypeError(f"need a transformers causal LM with model.model.layers (Llama family), got "
+                        f"{type(model).__name__}") from None
+
+
+def _check_n_top(model: nn.Module, n_top: int) -> int:
+    n_layers = _n_layers(model)
+    if not isinstance(n_top, int) or isinstance(n_top, bool) or not 1 <= n_top <= n_layers:
+        raise ValueError(f"n_top must be an int in 1..{n_layers} (the model's layer count), got {n_top!r}")
+    return n_layers
+
+
+@torch.no_grad()
+def trunk_cache(model: nn.Module, examples: Sequence[dict], n_top: int, pad_token_id: int,
+                batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(hidden, labels)`` per example: the hidden states entering layer $L - k$ ($k$ = ``n_top``).
+
+    ``examples`` are :func:`utils.sft.build_example` outputs. Each ``hidden`` is (seq, d) for the
+    example's own tokens (padding dropped), ``labels`` (seq,) its labels. No gradients are kept.
+    """
+    n_layers = _check_n_top(model, n_top)
+    if not examples:
+        raise ValueError("trunk_cache got no examples")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cache = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(list(examples[start:start + batch_size]), pad_token_id)
+        out = model(input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[n_layers - n_top]  # entry i is the input of layer i
+        for row, mask, labels in zip(hidden, batch["attention_mask"], batch["labels"]):
+            n = int(mask.sum())
+            cache.append((row[:n].clone(), labels[:n].to(device)))
+    model.train(was_training)
+    return cache
+
+
+def pad_cached(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad cached ``(hidden, labels)`` pairs to ``H`` (batch, longest, d) and ``Y`` (batch, longest).
+
+    Padding is zeros in ``H`` and $-100$ in ``Y``. With right padding a causal model never lets a real
+    token see a pad, so the real positions need no padding mask.
+    """
+    if not items:
+        raise ValueError("pad_cached got no items")
+    longest = max(h.shape[0] for h, _ in items)
+    first = items[0][0]
+    H = first.new_zeros(len(items), longest, first.shape[-1])
+    Y = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long, device=first.device)
+    for i, (h, y) in enumerate(items):
+        if h.shape[0] != y.shape[0]:
+            raise ValueError(f"item {i}: hidden has {h.shape[0]} positions but labels {y.shape[0]}")
+        H[i, :len(h)], Y[i, :len(y)] = h, y
+    return H, Y
+
+
+def top_forward(model: nn.Module, hidden: torch.Tensor, n_top: int) -> torch.Tensor:
+    """Run the last ``n_top`` decoder layers and the final norm on right-padded ``hidden`` (b, n, d).
+
+    Positions are $0..n-1$ and the mask is causal, which is exact for every real token of a
+    right-padded batch. Returns the normalised hidden states; ``model.lm_head`` turns them into logits.
+    """
+    n_layers = _check_n_top(model, n_top)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (batch, seq, d), got shape {tuple(hidden.shape)}")
+    n = hidden.shape[1]
+    positions = torch.arange(n, device=hidden.device)[None]
+    rope = model.model.rotary_emb(hidden, positions)
+    future = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu(1)
+    causal = torch.zeros(1, 1, n, n, dtype=hidden.dtype, device=hidden.device)
+    causal = causal.masked_fill(future, torch.finfo(hidden.dtype).min)  # additive: eager and SDPA alike
+    for layer in model.model.layers[n_layers - n_top:]:
+        hidden = layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rope)
+    return model.model.norm(hidden)
+
+
+def response_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`utils.sft.masked_lm_loss` computed from final hidden states, projecting to the vocabulary
+    only at the positions that predict a response token (a few per example, not the whole sequence)."""
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"need hidden (batch, seq, d) and labels (batch, seq), got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}")
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if not keep.any():
+        raise ValueError("labels mark no token for the loss (all -100 after the shift)")
+    logits = model.lm_head(hidden[:, :-1][keep])  # (number of response tokens, vocab)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the position whose logits predict the first response token (first labelled index - 1)."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any(dim=1).all() or labelled[:, 0].any():
+        raise ValueError("every row needs a response (a label != -100) after at least one prompt token")
+    return labelled.int().argmax(dim=1) - 1
+
+
+def label_token_ids(tokenizer, prompt: str | list[dict], labels: Sequence[str],
+                    system: str | None = None) -> list[int]:
+    """The first response token of each label, as :func:`utils.sft.build_example` tokenizes it.
+
+    Scoring a label by its first token is only fair when those tokens differ, which is checked.
+    """
+    if len(labels) < 2:
+        raise ValueError(f"need at least two labels to choose between, got {list(labels)!r}")
+    ids = []
+    for label in labels:
+        example = build_example(tokenizer, prompt, label, system=system)
+        first = next(i for i, y in enumerate(example["labels"]) if y != IGNORE_INDEX)
+        ids.append(example["input_ids"][first])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"labels {list(labels)!r} start with the same token(s) {ids}; "
+                         "choose labels whose first tokens differ")
+    return ids
+
+
+def label_logits(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                 label_ids: Sequence[int]) -> torch.Tensor:
+    """(batch, n_labels): the logit of each label's first token at each row's answer position."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    at_answer = hidden[rows, answer_positions(labels).to(hidden.device)]  # (batch, d)
+    return model.lm_head(at_answer)[:, list(label_ids)]
+
+
+@torch.no_grad()
+def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str | list[dict]], labels: Sequence[str],
+                 system: str | None = None, batch_size: int = 16) -> torch.Tensor:
+    """(n_prompts, n_labels) label logits from the whole model: one forward pass per prompt, no generation.
+
+    Prompts end with the assistant header and are padded on the left, so the answer position is the
+    last one and only its logits are computed (``logits_to_keep=1``).
+    """
+    if not prompts:
+        raise ValueError("score_labels got no prompts")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ids = label_token_ids(tokenizer, prompts[0], labels, system=system)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [{"input_ids": x, "labels": x, "attention_mask": [1] * len(x)}
+                for x in (_chat_ids(tokenizer, _messages(p, system), add_generation_prompt=True)
+                          for p in prompts[start:start + batch_size])]
+        batch = collate(rows, pad_id, padding_side="left")
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), logits_to_keep=1).logits
+        scores.append(logits[:, -1, ids])
+    model.train(was_training)
+    return torch.cat(scores)
