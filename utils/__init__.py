@@ -17,6 +17,7 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.quant`     absmax / zero-point integers, NF4 with block-wise scales, double quantization
 - :mod:`utils.lora`      LoRA and DoRA layers from scratch (equal to peft), merging, adapters on disk
 - :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
+- :mod:`utils.finetune`  cheap fine-tuning on a CPU: cached frozen trunk, trainable top layers, label scores
 """
 import warnings
 
