@@ -1,17 +1,13 @@
 """Tests for utils.finetune on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download)."""
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_chatml import chatml_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.finetune import (answer_positions, label_logits, label_token_ids, pad_cached, response_loss,
                             score_labels, top_forward, trunk_cache)
 from utils.sft import IGNORE_INDEX, build_example, collate, masked_lm_loss
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["The movie was great, a positive review.", "The film was dull and bad: negative.",
           "user assistant system Is this review positive or negative?"] * 5
 PAIRS = [("Review: great fun", "positive"), ("Review: dull and bad, a very long and boring film", "negative"),
@@ -21,13 +17,7 @@ LABELS = ["positive", "negative"]
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+    return chatml_tokenizer(CORPUS)
 
 
 def tiny_llama(tokenizer, attn: str) -> LlamaForCausalLM:

@@ -2,30 +2,20 @@
 a tiny random LlamaForCausalLM: no downloaded model needed."""
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_chatml import CHATML, chatml_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.sft import (IGNORE_INDEX, NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, build_example, collate, contains,
                        exact_match, faq_pairs, generate_responses, label_accuracy, masked_lm_loss,
                        normalize_answer, sentiment_pairs, token_f1)
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
           "The film was dull and bad: negative.", "user assistant system You are a helpful assistant."] * 5
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+    return chatml_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")
