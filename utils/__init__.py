@@ -18,6 +18,7 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.lora`      LoRA and DoRA layers from scratch (equal to peft), merging, adapters on disk
 - :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
 - :mod:`utils.finetune`  cheap fine-tuning on a CPU: cached frozen trunk, trainable top layers, label scores
+- :mod:`utils.surgery`   layer pruning by angular distance, distillation loss, proxy-tuning logits
 """
 import warnings
 
