@@ -21,14 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.sft import IGNORE_INDEX, _chat_ids, _messages, build_example, collate
+from utils.surgery import decoder_layers
 
 
 def _n_layers(model: nn.Module) -> int:
-    try:
-        return len(model.model.layers)
-    except AttributeError:
-        raise TypeError(f"need a transformers causal LM with model.model.layers (Llama family), got "
-                        f"{type(model).__name__}") from None
+    return len(decoder_layers(model))  # raises a clear TypeError for models without model.model.layers
 
 
 def _check_n_top(model: nn.Module, n_top: int) -> int:
