@@ -10,6 +10,7 @@ The formulas for parameters, memory and FLOPs live here too, so any config can b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.attention import causal_mask, scaled_dot_product_attention
 from utils.positions import rope_frequencies
+
+if TYPE_CHECKING:  # pragma: no cover
+    from utils.kvcache import KVCache
 
 
 @dataclass(frozen=True)
@@ -137,15 +141,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         b, n, _ = x.shape  # (batch, tokens, d_model)
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, n, hd)
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, n, hd)
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.n_heads // self.n_kv_heads  # query heads per KV head
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (b, H, n, hd)
-        out = scaled_dot_product_attention(q, k, v, causal_mask(n, device=x.device))
+        if cache is not None:  # Part 4: keys/values of earlier tokens come from the cache
+            k, v = cache.write(layer, k, v)  # (b, KV, past + n, hd)
+            # Fold each KV head's `group` query heads into the query axis: no copies of the cache
+            mask = causal_mask(n, k.shape[2], device=x.device).repeat(group, 1)
+            out = scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, group * n, -1), k, v, mask)
+            out = out.reshape(b, self.n_heads, n, self.head_dim)
+        else:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (b, H, n, hd)
+            out = scaled_dot_product_attention(q, k, v, causal_mask(n, device=x.device))
         return self.wo(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
 
@@ -170,8 +182,9 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.d_model, cfg.norm_eps), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -196,20 +209,37 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits (batch, n, vocab) for token ids (batch, n) at positions start_pos, ..., start_pos+n-1."""
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: "KVCache | None" = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, n, vocab) for token ids (batch, n) at positions start_pos, ..., start_pos+n-1.
+
+        With a :class:`utils.kvcache.KVCache` the tokens continue the ones already cached: positions
+        start at ``cache.length``, their keys and values are appended, and attention also reads the
+        cached ones. ``last_only`` computes the output head for the last position only, shape
+        (batch, 1, vocab): that is all a generation step needs.
+        """
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (batch, n) with n >= 1, got {tuple(idx.shape)}")
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        if cache is not None:
+            cache.check(self.cfg, idx.shape[0], idx.shape[1])
+            if start_pos not in (0, cache.length):
+                raise ValueError(f"with a cache, positions continue at cache.length={cache.length}; "
+                                 f"got start_pos={start_pos} (leave it out)")
+            start_pos = cache.length
         positions = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.tok_emb(idx)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 
