@@ -152,7 +152,8 @@ class Attention(nn.Module):
         if cache is not None:  # Part 4: keys/values of earlier tokens come from the cache
             k, v = cache.write(layer, k, v)  # (b, KV, past + n, hd)
             # Fold each KV head's `group` query heads into the query axis: no copies of the cache
-            mask = causal_mask(n, k.shape[2], device=x.device).repeat(group, 1)
+            # (a single new token may attend to every cached one: decoding needs no mask)
+            mask = None if n == 1 else causal_mask(n, k.shape[2], device=x.device).repeat(group, 1)
             out = scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, group * n, -1), k, v, mask)
             out = out.reshape(b, self.n_heads, n, self.head_dim)
         else:
