@@ -10,8 +10,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from utils.preference import (IGNORE_INDEX, PROMPTS, bradley_terry_loss, build_pairs, dpo_loss, ipo_loss,
-                              kto_loss, last_token_rewards, orpo_loss, pairwise_accuracy, preferred,
-                              sequence_logprobs, simpo_loss, split_snippets, validate_pairs)
+                              kto_loss, last_token_rewards, last_token_top_layer, orpo_loss,
+                              pairwise_accuracy, preferred, prefix_trunk_cache, sequence_logprobs,
+                              simpo_loss, split_snippets, validate_pairs)
 
 ROWS = [{"id": str(i), "score": s, "text": f"snippet {i}"}
         for i, s in enumerate([-3.0, -2.5, -1.0, -0.2, 0.0, 0.5, 1.2, 2.0, 2.8, 3.5])]
@@ -319,3 +320,43 @@ def test_last_token_rewards_errors():
         last_token_rewards(torch.zeros(2, 3, 4), torch.tensor([1]), head)
     with pytest.raises(ValueError, match="lengths must be in"):
         last_token_rewards(torch.zeros(2, 3, 4), torch.tensor([0, 4]), head)
+
+
+def test_prefix_trunk_cache_equals_full_trunk(tiny):
+    from utils.finetune import trunk_cache
+    prefix, conts = [3, 4, 5, 6], [[7, 8], [9, 10, 11, 12, 13], [14]]
+    ours = prefix_trunk_cache(tiny, prefix, conts, n_top=1, batch_size=2)
+    examples = [{"input_ids": prefix + c, "labels": prefix + c, "attention_mask": [1] * (4 + len(c))}
+                for c in conts]
+    for h, (ref, _) in zip(ours, trunk_cache(tiny, examples, n_top=1, pad_token_id=0)):
+        torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_trunk_cache_errors(tiny):
+    with pytest.raises(ValueError, match="n_top"):
+        prefix_trunk_cache(tiny, [1], [[2]], n_top=3)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        prefix_trunk_cache(tiny, [], [[2]], n_top=1)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        prefix_trunk_cache(tiny, [1], [[2], []], n_top=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        prefix_trunk_cache(tiny, [1], [[2]], n_top=1, batch_size=0)
+
+
+def test_last_token_top_layer_equals_top_forward(tiny):
+    from utils.finetune import top_forward
+    hidden = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([6, 2, 4])
+    for i, L in enumerate(lengths):
+        hidden[i, L:] = 0.0  # right padding, as utils.finetune.pad_cached makes it
+    with torch.no_grad():
+        ours = last_token_top_layer(tiny, hidden, lengths)
+        full = top_forward(tiny, hidden, 1)
+    torch.testing.assert_close(ours, full[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_last_token_top_layer_errors(tiny):
+    with pytest.raises(ValueError, match="batch, seq, d"):
+        last_token_top_layer(tiny, torch.zeros(2, 32), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="one length"):
+        last_token_top_layer(tiny, torch.zeros(2, 3, 32), torch.tensor([1, 4]))
