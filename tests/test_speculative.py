@@ -97,11 +97,11 @@ def test_acceptance_rule_keeps_the_target_distribution_and_a_wrong_rule_fails():
     draft = torch.multinomial(q, n, replacement=True, generator=g)
     accepted, token = speculative_sample(p.expand(n, -1), q.expand(n, -1), draft, generator=g)
     counts = torch.bincount(token, minlength=5).double()
-    assert chisquare(counts.numpy(), (p * n).double().numpy()).pvalue > 1e-3
+    assert chisquare(counts.numpy(), (p.double() / p.double().sum() * n).numpy()).pvalue > 1e-3
     assert abs(accepted.double().mean().item() - torch.minimum(p, q).sum().item()) < 0.01
     # the same test rejects "always keep the draft" (its tokens follow q)
     wrong = torch.bincount(draft, minlength=5).double()
-    assert chisquare(wrong.numpy(), (p * n).double().numpy()).pvalue < 1e-3
+    assert chisquare(wrong.numpy(), (p.double() / p.double().sum() * n).numpy()).pvalue < 1e-3
     # p == q: nothing to resample, every draft is accepted
     same, _ = speculative_sample(p.expand(10, -1), p.expand(10, -1), draft[:10], generator=g)
     assert same.all()
