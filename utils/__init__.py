@@ -19,6 +19,14 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
 - :mod:`utils.finetune`  cheap fine-tuning on a CPU: cached frozen trunk, trainable top layers, label scores
 - :mod:`utils.surgery`   layer pruning by angular distance, distillation loss, proxy-tuning logits
+- :mod:`utils.optim`     GaLore and an 8-bit Adam from scratch (equal to galore_torch)
+- :mod:`utils.compare`   one task, one budget: eight fine-tuning methods on the top of a cached model
+- :mod:`utils.preference` preference pairs from human ratings; Bradley-Terry, DPO, IPO, KTO, ORPO, SimPO
+- :mod:`utils.dpo`       preference optimisation on a CPU: cached response log-probs, held-out metrics
+- :mod:`utils.judge`     a language model as a pairwise judge; AI-feedback labels
+- :mod:`utils.kvcache`   a preallocated KV cache for our Llama and cached generation
+- :mod:`utils.roofline`  bandwidth and matmul microbenchmarks, the roofline and decode/prefill bounds
+- :mod:`utils.speculative` draft-and-verify decoding (model and prompt-lookup drafters)
 """
 import warnings
 
