@@ -22,6 +22,7 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.optim`     GaLore and an 8-bit Adam from scratch (equal to galore_torch)
 - :mod:`utils.compare`   one task, one budget: eight fine-tuning methods on the top of a cached model
 - :mod:`utils.preference` preference pairs from human ratings; Bradley-Terry, DPO, IPO, KTO, ORPO, SimPO
+- :mod:`utils.ppo`       RLHF with PPO from scratch: rollouts, KL-penalised rewards, GAE, clipped objective
 - :mod:`utils.dpo`       preference optimisation on a CPU: cached response log-probs, held-out metrics
 - :mod:`utils.judge`     a language model as a pairwise judge; AI-feedback labels
 - :mod:`utils.kvcache`   a preallocated KV cache for our Llama and cached generation
