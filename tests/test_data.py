@@ -84,3 +84,17 @@ def test_missing_file_names_rebuild_command(loader, tmp_path):
         loader(data_dir=tmp_path)
     assert REBUILD_DATA_COMMAND in str(err.value)
     assert str(tmp_path) in str(err.value)
+
+
+def test_python_faq_split_is_fixed_disjoint_and_complete():
+    from utils.data import python_faq_split
+
+    test, train = python_faq_split("test"), python_faq_split("train")
+    assert len(test) == 100 and len(train) == 79
+    assert not {r["qa_id"] for r in test} & {r["qa_id"] for r in train}
+    assert [r["qa_id"] for r in python_faq_split("test")] == [r["qa_id"] for r in test]
+    assert python_faq_split("test", seed=1) != test
+    with pytest.raises(ValueError, match="split must be"):
+        python_faq_split("dev")
+    with pytest.raises(ValueError, match="n_test"):
+        python_faq_split("test", n_test=0)

@@ -76,3 +76,20 @@ def load_python_faq(data_dir: Path | None = None) -> datasets.Dataset:
     ``doc_id`` names the row of :func:`load_python_docs` whose ``text`` is the answer.
     """
     return datasets.Dataset.from_list(_read_jsonl(data_file("python_faq.jsonl", data_dir)))
+
+
+def python_faq_split(split: str, n_test: int = 100, seed: int = 0,
+                     data_dir: Path | None = None) -> list[dict]:
+    """One fixed split of the Python FAQ pairs for Part 5: ``"test"`` (``n_test`` held-out questions,
+    never used to train or tune anything) or ``"train"`` (the rest, for training rerankers and graders
+    and for choosing settings). The split is a seeded shuffle, so every chapter gets the same one."""
+    import random
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rows = list(load_python_faq(data_dir))
+    if not 0 < n_test < len(rows):
+        raise ValueError(f"n_test must be between 1 and {len(rows) - 1}, got {n_test}")
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    test_ids = set(order[:n_test])
+    return [r for i, r in enumerate(rows) if (i in test_ids) == (split == "test")]
