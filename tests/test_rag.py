@@ -1,0 +1,321 @@
+"""Tests for utils.rag on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download),
+with a fake index and a bag-of-words embedder; one test uses the real MiniLM embedder."""
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from tiny_chatml import chatml_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from utils import rag
+
+CORPUS = ["Python uses indentation to group statements. Sources: [1] [2] [3] Question: Answer",
+          "Strings are immutable. Lists are mutable. Tuples are immutable sequences.",
+          "user assistant system According to source [1], the answer is"] * 5
+
+
+@dataclass(frozen=True)
+class Chunk:  # the shape of utils.retrieval.Chunk
+    chunk_id: str
+    doc_id: str
+    text: str
+    title: str = ""
+    groups: frozenset = frozenset({"public"})
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: Chunk
+    score: float
+    rank: int
+
+
+CHUNKS = [Chunk("a#0", "a", "Strings are immutable. This helps hashing.", "Design FAQ"),
+          Chunk("b#0", "b", "Lists are mutable.\n\nYou can append to them!", "Tutorial"),
+          Chunk("c#0", "c", "Indentation groups statements.", groups=frozenset({"staff"}))]
+
+
+class FakeIndex:
+    """Returns the chunks in order, filtered by group before ranking, as utils.retrieval does."""
+
+    def search(self, query, k=10, allowed_groups=None):
+        pool = [c for c in CHUNKS if allowed_groups is None or c.groups & set(allowed_groups)]
+        return [Hit(c, 1.0 / (i + 1), i + 1) for i, c in enumerate(pool[:k])]
+
+
+def bow_embed(texts):
+    """Unit bag-of-words vectors over a fixed vocabulary: similarity = shared words."""
+    vocab = sorted({w for t in texts for w in rag.normalize_tokens(t, drop_stopwords=True)})
+    rows = np.zeros((len(texts), max(len(vocab), 1)), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in rag.normalize_tokens(t, drop_stopwords=True):
+            rows[i, vocab.index(w)] += 1
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms == 0, 1, norms)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return chatml_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+def test_sources_prompt_numbers_titles_and_clips():
+    msgs = rag.sources_prompt(" Why immutable? ", CHUNKS, max_words=3)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == rag.GROUNDED_INSTRUCTIONS
+    user = msgs[1]["content"]
+    assert user.startswith("Sources:\n[1] Design FAQ: Strings are immutable. ...")
+    assert "\n\n[2] Tutorial: Lists are mutable. ...\n\n[3] Indentation groups statements.\n" in user
+    assert user.endswith("Question: Why immutable?")
+    plain = rag.sources_prompt("q", ["raw text", {"text": "dict text", "title": "T"}],
+                               instructions="Be brief.")
+    assert plain[0]["content"] == "Be brief."
+    assert "[1] raw text\n\n[2] T: dict text" in plain[1]["content"]
+
+
+def test_clip_words_and_closed_book():
+    assert rag.clip_words("a  b\nc", None) == "a  b\nc"
+    assert rag.clip_words("a  b\nc", 3) == "a b c"
+    assert rag.clip_words("a b c d", 2) == "a b ..."
+    msgs = rag.closed_book_prompt("Why?")
+    assert msgs == [{"role": "system", "content": rag.CLOSED_BOOK_INSTRUCTIONS},
+                    {"role": "user", "content": "Question: Why?"}]
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: rag.sources_prompt("", CHUNKS), ValueError, "non-empty string"),
+    (lambda: rag.sources_prompt("q", []), ValueError, "closed_book_prompt"),
+    (lambda: rag.sources_prompt("q", [{"title": "no text"}]), TypeError, "'text' key"),
+    (lambda: rag.sources_prompt("q", [3]), TypeError, "text attribute"),
+    (lambda: rag.clip_words("x", 0), ValueError, "max_words"),
+    (lambda: rag.closed_book_prompt(None), ValueError, "non-empty string"),
+])
+def test_prompt_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_render_prompt_and_token_count(tokenizer):
+    msgs = rag.closed_book_prompt("Why?")
+    text = rag.render_prompt(tokenizer, msgs)
+    assert text == ("<|im_start|>system\n" + rag.CLOSED_BOOK_INSTRUCTIONS + "<|im_end|>\n"
+                    "<|im_start|>user\nQuestion: Why?<|im_end|>\n<|im_start|>assistant\n")
+    assert rag.render_prompt(tokenizer, msgs, "Source [") == text + "Source ["
+    n = rag.prompt_tokens(tokenizer, msgs)
+    assert n == len(tokenizer(text, add_special_tokens=False).input_ids)
+    assert rag.prompt_tokens(tokenizer, msgs, "Source [") > n
+
+
+def test_render_prompt_errors(tokenizer):
+    with pytest.raises(ValueError, match="role"):
+        rag.render_prompt(tokenizer, [])
+    with pytest.raises(ValueError, match="role"):
+        rag.render_prompt(tokenizer, [{"content": "x"}])
+    with pytest.raises(TypeError, match="assistant_prefix"):
+        rag.render_prompt(tokenizer, rag.closed_book_prompt("q"), None)
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ValueError, match="no chat template"):
+        rag.render_prompt(NoTemplate(), rag.closed_book_prompt("q"))
+
+
+# ------------------------------------------------------------------------------------- generation
+
+def _one_by_one(model, tokenizer, messages, n, prefix=""):
+    ids = tokenizer(rag.render_prompt(tokenizer, messages, prefix), return_tensors="pt",
+                    add_special_tokens=False).input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return (prefix + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)).strip()
+
+
+def test_batched_left_padded_greedy_equals_one_by_one(model, tokenizer):
+    chats = [rag.closed_book_prompt("Why?"), rag.sources_prompt("Why are strings immutable?", CHUNKS),
+             rag.closed_book_prompt("Are lists mutable or immutable sequences?")]
+    got = rag.generate_answers(model, tokenizer, chats, max_new_tokens=6, batch_size=2)
+    assert got == [_one_by_one(model, tokenizer, c, 6) for c in chats]
+    assert tokenizer.padding_side == "right"  # restored
+    pre = rag.generate_answers(model, tokenizer, chats[:2], max_new_tokens=4, assistant_prefix="Source [")
+    assert all(a.startswith("Source [") for a in pre)
+    assert pre == [_one_by_one(model, tokenizer, c, 4, "Source [") for c in chats[:2]]
+    assert rag.generate_answers(model, tokenizer, [], max_new_tokens=4) == []
+
+
+def test_generation_without_a_pad_token_uses_eos(model):
+    tok = chatml_tokenizer(CORPUS)
+    tok.pad_token = None
+    assert tok.pad_token is None
+    (answer,) = rag.generate_answers(model, tok, [rag.closed_book_prompt("Why?")], max_new_tokens=3)
+    assert isinstance(answer, str)
+    assert tok.pad_token is None and tok.padding_side == "right"
+
+
+def test_generation_errors(model, tokenizer):
+    chat = rag.closed_book_prompt("Why?")
+    with pytest.raises(TypeError, match="wrap a single chat"):
+        rag.generate_answers(model, tokenizer, chat)
+    with pytest.raises(ValueError, match=">= 1"):
+        rag.generate_answers(model, tokenizer, [chat], max_new_tokens=0)
+    tok = chatml_tokenizer(CORPUS)
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="eos_token"):
+        rag.generate_answers(model, tok, [chat])
+
+
+# -------------------------------------------------------------------------------------- citations
+
+def test_cited_numbers():
+    assert rag.cited_numbers("A [2]. B [1, 3] and [2][ 4 ].") == [2, 1, 3, 4]
+    assert rag.cited_numbers("no citations, [x] or [] or (1)") == []
+    with pytest.raises(TypeError, match="string"):
+        rag.cited_numbers(None)
+
+
+def test_check_citations_definition():
+    ok = rag.check_citations("Immutable [1].", CHUNKS, "a")
+    assert ok.correct and ok.cites_any and ok.all_exist and ok.cites_gold and ok.gold_precision == 1.0
+    assert ok.cited == (1,) and ok.n_sources == 3
+    half = rag.check_citations("[1] and [2]", CHUNKS, "a")
+    assert half.correct and half.gold_precision == 0.5
+    wrong = rag.check_citations("Mutable [2].", CHUNKS, "a")
+    assert not wrong.correct and not wrong.cites_gold and wrong.all_exist
+    missing = rag.check_citations("[1] and [7]", CHUNKS, "a")
+    assert missing.cites_gold and not missing.all_exist and not missing.correct
+    none = rag.check_citations("No citation.", CHUNKS, "a")
+    assert not none.cites_any and not none.correct and none.gold_precision == 0.0
+    assert rag.citation_correct("[1]", [{"doc_id": "a", "text": "t"}], "a")
+    assert not rag.citation_correct("[0]", CHUNKS, "a")
+    with pytest.raises(TypeError, match="doc_id"):
+        rag.check_citations("[1]", ["plain string"], "a")
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+def test_normalize_and_token_f1():
+    assert rag.normalize_tokens("The cat [1], a HAT!") == ["cat", "hat"]
+    assert rag.normalize_tokens("The cat is on a hat", drop_stopwords=True) == ["cat", "hat"]
+    assert rag.token_f1("the cat sat", "A cat sat!") == 1.0
+    assert rag.token_f1("cat sat down", "cat sat") == pytest.approx(0.8)  # P 2/3, R 1
+    assert rag.token_f1("dog", "cat") == 0.0
+    assert rag.token_f1("", "") == 1.0 and rag.token_f1("the", "cat") == 0.0
+    with pytest.raises(TypeError, match="string"):
+        rag.normalize_tokens(3)
+
+
+def test_containment_ignores_stopwords_and_question_words():
+    gold = "Strings are immutable because hashing needs fixed values."
+    assert rag.containment("Strings are immutable [1].", gold) == 1.0
+    assert rag.containment("Strings are mutable.", gold) == 0.5
+    q = "Why are strings immutable?"
+    assert rag.containment("Strings are immutable.", gold, q) == 0.0  # only repeats the question
+    assert rag.containment("Strings are immutable for hashing and speed.", gold, q) == 0.5
+    assert rag.containment("", gold) == 0.0
+    assert rag.contains_answer("immutable hashing", gold)
+    assert not rag.contains_answer("mutable lists", gold, threshold=0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        rag.contains_answer("x", gold, threshold=1.5)
+
+
+# ------------------------------------------------------------------------------------ compression
+
+def test_split_sentences():
+    text = "First one. Second one!  Third:\nstill third? 4th starts.\n\nNew para. lower. case"
+    assert rag.split_sentences(text) == ["First one.", "Second one!", "Third: still third?",
+                                         "4th starts.", "New para. lower. case"]
+    assert rag.split_sentences("") == []
+
+
+def test_compress_context_keeps_the_most_similar_sentences_in_order():
+    chunks = [Chunk("a#0", "a", "Lists are mutable. Strings are immutable objects. Cats sleep."),
+              Chunk("b#0", "b", "Dogs bark loudly."),
+              Chunk("c#0", "c", "Immutable strings can be hashed. Tuples too.")]
+    out = rag.compress_context("Why are strings immutable?", chunks, 2, embed=bow_embed)
+    assert [c.doc_id for c in out] == ["a", "c"]  # b has no kept sentence: dropped
+    assert out[0].text == "Strings are immutable objects."
+    assert out[1].text == "Immutable strings can be hashed."
+    assert out[0].chunk_id == "a#0" and out[0].title == ""
+    as_dicts = rag.compress_context("strings", [{"doc_id": "a", "text": "x y. Strings z."}], 1,
+                                    embed=bow_embed)
+    assert as_dicts == [{"doc_id": "a", "text": "Strings z."}]
+    assert rag.compress_context("strings", ["One. Strings two."], 5, embed=bow_embed) == [
+        "One. Strings two."]
+    assert rag.compress_context("strings", ["", "  "], 2, embed=bow_embed) == []
+
+
+def test_compress_context_errors():
+    with pytest.raises(ValueError, match="max_sentences"):
+        rag.compress_context("q", CHUNKS, 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        rag.compress_context(" ", CHUNKS, 1)
+    with pytest.raises(ValueError, match="rows"):
+        rag.compress_context("q", ["A. B."], 1, embed=lambda texts: np.ones((1, 4)))
+
+    class Opaque:
+        text = "One. Two."
+
+    with pytest.raises(TypeError, match="cannot rebuild"):
+        rag.compress_context("one", [Opaque()], 1, embed=bow_embed)
+
+
+def test_compress_context_with_the_real_embedder():
+    chunks = ["Cats sleep a lot. Python strings cannot be changed after creation.",
+              "The weather was sunny."]
+    out = rag.compress_context("Why are Python strings immutable?", chunks, 1)
+    assert out == ["Python strings cannot be changed after creation."]
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+def test_answer_questions_end_to_end(model, tokenizer):
+    qs = ["Why are strings immutable?", "Are lists mutable?"]
+    answers = rag.answer_questions(qs, FakeIndex(), model, tokenizer, k=2, max_new_tokens=3,
+                                   assistant_prefix="According to source [")
+    assert [a.question for a in answers] == qs
+    first = answers[0]
+    assert [h.rank for h in first.hits] == [1, 2] and first.sources == (CHUNKS[0], CHUNKS[1])
+    assert first.text.startswith("According to source [")
+    assert first.citations == tuple(rag.cited_numbers(first.text))
+    assert first.messages == tuple(rag.sources_prompt(qs[0], CHUNKS[:2], max_words=80))
+    assert first.check("a") == rag.check_citations(first.text, first.sources, "a")
+    one = rag.answer_question(qs[0], FakeIndex(), model, tokenizer, k=3, allowed_groups={"staff"},
+                              max_new_tokens=3)
+    assert one.sources == (CHUNKS[2],)  # only what the group may read
+    squeezed = rag.answer_question(qs[0], FakeIndex(), model, tokenizer, k=3, compress_to=1,
+                                   max_new_tokens=2, embed=bow_embed)
+    assert [c.text for c in squeezed.sources] == ["Strings are immutable."]
+
+
+def test_answer_questions_falls_back_to_closed_book_when_nothing_is_allowed(model, tokenizer):
+    (a,) = rag.answer_questions(["Why?"], FakeIndex(), model, tokenizer, allowed_groups={"nobody"},
+                                max_new_tokens=2, assistant_prefix="Source [")
+    assert a.hits == () and a.sources == ()
+    assert a.messages == tuple(rag.closed_book_prompt("Why?"))
+    assert not a.text.startswith("Source [")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(questions="one question"), TypeError, "answer_question for one"),
+    (dict(k=0), ValueError, "k must be"),
+    (dict(index=object()), TypeError, "search"),
+    (dict(questions=["ok", ""]), ValueError, "non-empty"),
+])
+def test_answer_questions_errors(model, tokenizer, kwargs, error, match):
+    args = dict(questions=["ok"], index=FakeIndex(), model=model, tokenizer=tokenizer)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        rag.answer_questions(**args)

@@ -1,0 +1,454 @@
+"""Grounded generation for retrieval-augmented generation (Part 5): prompts with numbered sources,
+batched greedy answers, citation checks, answer metrics and extractive context compression.
+
+- :func:`sources_prompt`, :func:`closed_book_prompt`, :func:`render_prompt`, :func:`prompt_tokens`:
+  the chat messages a model reads (instructions, sources ``[1]..[n]``, the question) and exactly what
+  reaches it once the chat template is applied.
+- :func:`generate_answers`: greedy answers for many prompts at once (left padding, attention mask).
+- :func:`cited_numbers`, :func:`check_citations`, :func:`citation_correct`: which sources an answer
+  cites, and whether those citations are right (see :class:`CitationCheck` for the definition).
+- :func:`normalize_tokens`, :func:`token_f1`, :func:`containment`, :func:`contains_answer`: answer
+  quality against a gold passage.
+- :func:`split_sentences`, :func:`compress_context`: keep only the sentences of the retrieved chunks
+  most similar to the question (extractive compression).
+- :func:`answer_questions`, :func:`answer_question`: retrieve, build the prompt, generate, parse the
+  citations -- the whole pipeline over any index with ``search(query, k, allowed_groups)`` (the
+  toolkit's :mod:`utils.retrieval` indexes).
+
+A *chunk* here is anything with a ``text`` attribute (and a ``doc_id`` and optional ``title`` for
+citations), such as :class:`utils.retrieval.Chunk`, a dict with those keys, or a plain string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+#: The system message of a grounded prompt: answer from the sources only and cite them.
+GROUNDED_INSTRUCTIONS = (
+    "Answer the question using only the numbered sources below. After each sentence, cite the "
+    "source it comes from as [1], [2] or [3]. If the sources do not contain the answer, say "
+    "\"I don't know\".")
+
+#: The system message of a closed-book prompt (no sources).
+CLOSED_BOOK_INSTRUCTIONS = "Answer the question about Python briefly and accurately."
+
+#: A citation marker: ``[1]``, ``[2, 3]`` or ``[1][2]`` (each bracket is one marker).
+CITATION_RE = re.compile(r"\[\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
+
+#: Function words left out when :func:`containment` compares content words.
+STOPWORDS = frozenset("""
+a an the and or but if then else of to in on at by for with from as into onto about than that this
+these those it its is are was were be been being do does did done have has had having not no nor so
+such can could may might must shall should will would you your yours we our us i me my he him his
+she her they them their what which who whom whose when where why how there here also just only very
+all any some each every more most other same own too again further once both few many much out up
+down over under off s t don't isn't it's i'm
+""".split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+def _text(chunk: Any) -> str:
+    if isinstance(chunk, str):
+        return chunk
+    if isinstance(chunk, dict):
+        if "text" not in chunk:
+            raise TypeError(f"a chunk given as a dict needs a 'text' key; it has {sorted(chunk)}")
+        return chunk["text"]
+    if not hasattr(chunk, "text"):
+        raise TypeError(f"a chunk must be a string, a dict with 'text', or have a .text attribute; "
+                        f"got {type(chunk).__name__}")
+    return chunk.text
+
+
+def _field(chunk: Any, name: str, default: str = "") -> str:
+    if isinstance(chunk, dict):
+        return chunk.get(name, default)
+    return getattr(chunk, name, default)
+
+
+def _check_question(question: str) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r:.60}")
+
+
+def clip_words(text: str, max_words: int | None) -> str:
+    """``text`` cut to its first ``max_words`` words (whitespace collapsed), with "..." when cut.
+    ``None`` keeps the text as it is."""
+    if max_words is None:
+        return text
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1 (or None for no limit), got {max_words}")
+    words = text.split()
+    return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+
+
+def format_sources(chunks: Sequence[Any], max_words: int | None = None) -> str:
+    """The numbered sources block: ``[1] title: text`` per chunk, separated by blank lines."""
+    lines = []
+    for i, chunk in enumerate(chunks, start=1):
+        title = _field(chunk, "title") if not isinstance(chunk, str) else ""
+        body = clip_words(_text(chunk), max_words)
+        lines.append(f"[{i}] {title}: {body}" if title else f"[{i}] {body}")
+    return "\n\n".join(lines)
+
+
+def sources_prompt(question: str, chunks: Sequence[Any], *, max_words: int | None = None,
+                   instructions: str = GROUNDED_INSTRUCTIONS) -> list[dict]:
+    """Chat messages for a grounded answer: a system message with ``instructions`` and a user
+    message holding the numbered sources ``[1]..[n]`` (each cut to ``max_words`` words) and the
+    question. Cite-able numbers are the 1-based positions in ``chunks``."""
+    _check_question(question)
+    if not chunks:
+        raise ValueError("sources_prompt needs at least one chunk; use closed_book_prompt for none")
+    user = f"Sources:\n{format_sources(chunks, max_words)}\n\nQuestion: {question.strip()}"
+    return [{"role": "system", "content": instructions}, {"role": "user", "content": user}]
+
+
+def closed_book_prompt(question: str, *, instructions: str = CLOSED_BOOK_INSTRUCTIONS) -> list[dict]:
+    """Chat messages asking the question with no sources (the model answers from its weights)."""
+    _check_question(question)
+    return [{"role": "system", "content": instructions},
+            {"role": "user", "content": f"Question: {question.strip()}"}]
+
+
+def render_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
+    """The exact text the model reads: ``messages`` through the tokenizer's chat template, with the
+    assistant turn opened (``add_generation_prompt=True``) and started with ``assistant_prefix``
+    (words put in the model's mouth, e.g. ``"According to source ["`` to make it pick a source)."""
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m
+                               for m in messages):
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template; load an instruct model's tokenizer")
+    if not isinstance(assistant_prefix, str):
+        raise TypeError(f"assistant_prefix must be a string, got {type(assistant_prefix).__name__}")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                         tokenize=False) + assistant_prefix
+
+
+def prompt_tokens(tokenizer, messages: list[dict], assistant_prefix: str = "") -> int:
+    """Number of tokens of :func:`render_prompt` (what prefill processes)."""
+    text = render_prompt(tokenizer, messages, assistant_prefix)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched greedy generation
+# ----------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, messages_list: Sequence[list[dict]], max_new_tokens: int = 48,
+                     batch_size: int = 8, assistant_prefix: str = "") -> list[str]:
+    """Greedy answers, one per chat in ``messages_list``, in the same order.
+
+    Prompts are sorted by length so that a batch holds similar lengths, padded on the *left* (so that
+    every row's next token comes right after its own prompt) with an attention mask that hides the
+    padding; the tokenizer's pad token is its end-of-sequence token if it has none. Generation stops
+    at ``max_new_tokens`` or when every row has produced the end-of-sequence token. Special tokens
+    are removed from the returned text, which is stripped of surrounding whitespace. With an
+    ``assistant_prefix`` (:func:`render_prompt`) the returned text starts with it.
+    """
+    from transformers import GenerationConfig
+
+    if isinstance(messages_list, dict) or (messages_list and isinstance(messages_list[0], dict)):
+        raise TypeError("messages_list is a list of chats (each a list of message dicts); "
+                        "wrap a single chat as [messages]")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, "
+                         f"{batch_size}")
+    if not messages_list:
+        return []
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; generation would never know where to stop")
+    texts = [render_prompt(tokenizer, m, assistant_prefix) for m in messages_list]
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else eos, eos_token_id=eos)
+    device = next(model.parameters()).device
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers: list[str] = [""] * len(texts)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            out = model.generate(**batch, generation_config=config)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for i, row in zip(idx, new):
+                text = assistant_prefix + tokenizer.decode(row, skip_special_tokens=True)
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# Citations
+# ----------------------------------------------------------------------------------------------
+
+def cited_numbers(answer: str) -> list[int]:
+    """Source numbers cited in ``answer`` as ``[n]`` or ``[n, m]``, in order of first appearance,
+    each once. Numbers that name no source (``[0]``, ``[7]`` of three) are kept: see
+    :func:`check_citations`."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a string, got {type(answer).__name__}")
+    seen: list[int] = []
+    for match in CITATION_RE.finditer(answer):
+        for number in match.group(1).split(","):
+            n = int(number)
+            if n not in seen:
+                seen.append(n)
+    return seen
+
+
+@dataclass(frozen=True)
+class CitationCheck:
+    """What an answer's citations get right, against the sources it was shown.
+
+    - ``cited``: the cited numbers (:func:`cited_numbers`); ``n_sources``: how many it was shown.
+    - ``cites_any``: at least one citation. ``all_exist``: every cited number is a shown source
+      (1..n_sources). ``cites_gold``: some cited source's ``doc_id`` is the gold one.
+    - ``correct`` = ``cites_any and all_exist and cites_gold``: the answer points the reader to a
+      source that holds the answer and points nowhere that does not exist. (It does *not* require
+      every cited source to be gold; ``gold_precision`` says how many of the valid ones are.)
+    """
+
+    cited: tuple[int, ...]
+    n_sources: int
+    cites_any: bool
+    all_exist: bool
+    cites_gold: bool
+    gold_precision: float
+
+    @property
+    def correct(self) -> bool:
+        return self.cites_any and self.all_exist and self.cites_gold
+
+
+def check_citations(answer: str, chunks: Sequence[Any], gold_doc_id: str) -> CitationCheck:
+    """The :class:`CitationCheck` of ``answer`` given the ``chunks`` numbered ``[1]..[n]`` in its
+    prompt (each with a ``doc_id``) and the gold document id."""
+    cited = cited_numbers(answer)
+    docs = [_field(c, "doc_id", None) for c in chunks]
+    if any(d is None for d in docs):
+        raise TypeError("every chunk needs a doc_id (a Chunk, or a dict with 'doc_id') to check "
+                        "citations against the gold document")
+    valid = [n for n in cited if 1 <= n <= len(docs)]
+    gold_hits = [n for n in valid if docs[n - 1] == gold_doc_id]
+    return CitationCheck(cited=tuple(cited), n_sources=len(docs), cites_any=bool(cited),
+                         all_exist=len(valid) == len(cited), cites_gold=bool(gold_hits),
+                         gold_precision=len(gold_hits) / len(valid) if valid else 0.0)
+
+
+def citation_correct(answer: str, chunks: Sequence[Any], gold_doc_id: str) -> bool:
+    """True when ``answer`` cites at least one source, every cited number exists among ``chunks``,
+    and at least one cited source is the gold document (:class:`CitationCheck`)."""
+    return check_citations(answer, chunks, gold_doc_id).correct
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer metrics
+# ----------------------------------------------------------------------------------------------
+
+def normalize_tokens(text: str, drop_stopwords: bool = False) -> list[str]:
+    """Lower-cased word tokens of ``text`` with citation markers, punctuation and the articles
+    a/an/the removed (the SQuAD normalisation); with ``drop_stopwords`` also :data:`STOPWORDS`."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    tokens = re.findall(r"\w+", CITATION_RE.sub(" ", text).lower())
+    drop = STOPWORDS if drop_stopwords else frozenset({"a", "an", "the"})
+    return [t for t in tokens if t not in drop]
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1: harmonic mean of the precision and recall of the prediction's tokens against
+    the gold's (as multisets, after :func:`normalize_tokens`). 1.0 if both are empty, 0.0 if one is.
+    Against a long gold passage recall, and so F1, stays small even for a right answer."""
+    pred, ref = normalize_tokens(prediction), normalize_tokens(gold)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def containment(prediction: str, gold: str, question: str | None = None) -> float:
+    """Fraction of the prediction's content words that occur in the gold passage: how much of what
+    the answer says is backed by the passage that answers the question.
+
+    Content words are :func:`normalize_tokens` without :data:`STOPWORDS`; words of ``question`` (if
+    given) are left out of the prediction first, since repeating the question is free. 0.0 when
+    nothing is left to check."""
+    words = normalize_tokens(prediction, drop_stopwords=True)
+    if question is not None:
+        asked = set(normalize_tokens(question, drop_stopwords=True))
+        words = [w for w in words if w not in asked]
+    if not words:
+        return 0.0
+    backed = set(normalize_tokens(gold, drop_stopwords=True))
+    return sum(w in backed for w in words) / len(words)
+
+
+def contains_answer(prediction: str, gold: str, question: str | None = None,
+                    threshold: float = 0.5) -> bool:
+    """True when :func:`containment` is at least ``threshold`` (most of the answer is in the gold)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return containment(prediction, gold, question) >= threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Extractive context compression
+# ----------------------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+(?=[A-Z0-9\"'(\[])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: paragraphs (blank-line separated) split after ``. ! ? :`` followed by
+    a capital, digit, quote or bracket; whitespace inside a sentence is collapsed."""
+    out: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        out.extend(s for s in _SENTENCE_END.split(flat) if s)
+    return out
+
+
+def _default_embed(texts: list[str]) -> np.ndarray:
+    from utils.embed import embed_texts
+
+    return embed_texts(texts, cache=False, desc=None)
+
+
+def _with_text(chunk: Any, text: str) -> Any:
+    if isinstance(chunk, str):
+        return text
+    if isinstance(chunk, dict):
+        return {**chunk, "text": text}
+    if dataclasses.is_dataclass(chunk):
+        return dataclasses.replace(chunk, text=text)
+    raise TypeError(f"cannot rebuild a chunk of type {type(chunk).__name__} with shorter text; "
+                    "pass Chunk objects, dicts or strings")
+
+
+def compress_context(question: str, chunks: Sequence[Any], max_sentences: int = 3, *,
+                     embed: Callable[[list[str]], np.ndarray] | None = None) -> list[Any]:
+    """Extractive compression: keep the ``max_sentences`` sentences of all ``chunks`` whose
+    embeddings are most similar (cosine) to the question's, each chunk keeping its kept sentences in
+    their original order; chunks left with no sentence are dropped (so the survivors are renumbered
+    [1]..[m] in a new prompt, and citations must be checked against the returned list).
+
+    ``embed`` maps a list of texts to unit-length rows (default: all-MiniLM-L6-v2 through
+    :func:`utils.embed.embed_texts`, not cached on disk). Chunks come back as the same kind (a
+    :class:`utils.retrieval.Chunk` with shorter ``text``, a dict, or a string)."""
+    _check_question(question)
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    per_chunk = [split_sentences(_text(c)) for c in chunks]
+    flat = [(ci, si, s) for ci, sents in enumerate(per_chunk) for si, s in enumerate(sents)]
+    if not flat:
+        return []
+    vectors = np.asarray((embed or _default_embed)([question] + [s for _, _, s in flat]),
+                         dtype=np.float32)
+    if vectors.shape[0] != len(flat) + 1:
+        raise ValueError(f"embed returned {vectors.shape[0]} rows for {len(flat) + 1} texts")
+    scores = vectors[1:] @ vectors[0]
+    keep = {(flat[j][0], flat[j][1]) for j in np.argsort(-scores, kind="stable")[:max_sentences]}
+    out = []
+    for ci, (chunk, sents) in enumerate(zip(chunks, per_chunk)):
+        kept = [s for si, s in enumerate(sents) if (ci, si) in keep]
+        if kept:
+            out.append(_with_text(chunk, " ".join(kept)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RagAnswer:
+    """One answer of :func:`answer_questions`: the ``text``, the retrieval ``hits``, the ``sources``
+    actually shown as ``[1]..[n]`` (after compression, if any), the ``citations`` in the text, and
+    the chat ``messages`` that produced it."""
+
+    question: str
+    text: str
+    hits: tuple
+    sources: tuple
+    citations: tuple[int, ...]
+    messages: tuple
+
+    def check(self, gold_doc_id: str) -> CitationCheck:
+        """:func:`check_citations` of this answer against its own sources."""
+        return check_citations(self.text, self.sources, gold_doc_id)
+
+
+def answer_questions(questions: Sequence[str], index, model, tokenizer, k: int = 3,
+                     allowed_groups=None, *, max_words: int | None = 80,
+                     compress_to: int | None = None, max_new_tokens: int = 48,
+                     batch_size: int = 8, assistant_prefix: str = "",
+                     embed: Callable[[list[str]], np.ndarray] | None = None) -> list[RagAnswer]:
+    """Retrieve-then-generate for many questions: ``index.search(q, k=k,
+    allowed_groups=allowed_groups)``, the hits' chunks as numbered sources (each cut to ``max_words``
+    words, or compressed to ``compress_to`` sentences by :func:`compress_context`), a grounded prompt
+    (:func:`sources_prompt`) and batched greedy generation (:func:`generate_answers`, which starts
+    each answer with ``assistant_prefix``). A question for which the index returns nothing (all
+    its chunks filtered out by ``allowed_groups``) is asked closed-book, without the prefix.
+    ``allowed_groups`` is passed to the index, which filters before ranking (access control)."""
+    if isinstance(questions, str):
+        raise TypeError("answer_questions takes a list of questions; use answer_question for one")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not hasattr(index, "search"):
+        raise TypeError(f"index must have a search(query, k, allowed_groups) method (a "
+                        f"utils.retrieval index); got {type(index).__name__}")
+    for q in questions:
+        _check_question(q)
+    all_hits, all_sources, all_messages = [], [], []
+    for q in questions:
+        hits = tuple(index.search(q, k=k, allowed_groups=allowed_groups))
+        sources = tuple(h.chunk for h in hits)
+        if compress_to is not None and sources:
+            sources = tuple(compress_context(q, sources, compress_to, embed=embed))
+        messages = (sources_prompt(q, sources, max_words=max_words) if sources
+                    else closed_book_prompt(q))  # nothing the reader may see: answer unaided
+        all_hits.append(hits)
+        all_sources.append(sources)
+        all_messages.append(messages)
+    grounded = [i for i, s in enumerate(all_sources) if s]
+    unaided = [i for i, s in enumerate(all_sources) if not s]
+    texts = [""] * len(questions)
+    for rows, prefix in ((grounded, assistant_prefix), (unaided, "")):
+        outs = generate_answers(model, tokenizer, [all_messages[i] for i in rows],
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                assistant_prefix=prefix)
+        for i, out in zip(rows, outs):
+            texts[i] = out
+    return [RagAnswer(question=q, text=t, hits=h, sources=s, citations=tuple(cited_numbers(t)),
+                      messages=tuple(m))
+            for q, t, h, s, m in zip(questions, texts, all_hits, all_sources, all_messages)]
+
+
+def answer_question(question: str, index, model, tokenizer, k: int = 3, allowed_groups=None,
+                    **kwargs) -> RagAnswer:
+    """:func:`answer_questions` for one question (same keyword arguments)."""
+    return answer_questions([question], index, model, tokenizer, k, allowed_groups, **kwargs)[0]
