@@ -277,6 +277,10 @@ def test_dense_index_embeds_queries_once_and_validates_shapes():
     index.search("strings immutable", k=2)
     index.embed_queries(["thread lock", "strings immutable", "thread lock"])
     assert calls == [["strings immutable"], ["thread lock"]]
+    uncached = DenseIndex(chunks, index.embeddings, embed_query=embed, cache_queries=False)
+    np.testing.assert_array_equal(uncached.embed_queries(["a lock", "a lock"]), base(["a lock"] * 2))
+    uncached.embed_queries(["a lock"])
+    assert calls[-2:] == [["a lock"], ["a lock"]]
     with pytest.raises(ValueError, match=r"shape \(4, d\)"):
         DenseIndex(chunks, np.zeros((3, 8)))
     with pytest.raises(ValueError, match="both model and tokenizer"):

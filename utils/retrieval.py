@@ -221,7 +221,8 @@ RECURSIVE_SEPARATORS: tuple[tuple[re.Pattern, str], ...] = (
 
 
 def _split_recursive(text: str, max_words: int, level: int) -> list[str]:
-    if count_words(text) <= max_words:
+    n_words = count_words(text)
+    if n_words <= max_words:
         return [text]
     if level == len(RECURSIVE_SEPARATORS):  # a single sentence too long: fixed word windows
         spans = [m.span() for m in _NONSPACE.finditer(text)]
@@ -231,13 +232,16 @@ def _split_recursive(text: str, max_words: int, level: int) -> list[str]:
     parts = [p.strip() for p in pattern.split(text) if p.strip()]
     if len(parts) == 1:
         return _split_recursive(text, max_words, level + 1)
-    pieces = [q for p in parts for q in _split_recursive(p, max_words, level + 1)]
-    merged: list[str] = []  # greedily merge neighbours while they fit
-    for piece in pieces:
-        if merged and count_words(merged[-1]) + count_words(piece) <= max_words:
+    merged: list[str] = []  # greedily merge neighbouring pieces while they fit
+    merged_words = 0
+    for piece in (q for p in parts for q in _split_recursive(p, max_words, level + 1)):
+        words = count_words(piece)
+        if merged and merged_words + words <= max_words:
             merged[-1] = merged[-1] + joiner + piece
+            merged_words += words
         else:
             merged.append(piece)
+            merged_words = words
     return merged
 
 
@@ -451,17 +455,19 @@ class DenseIndex(_ArrayIndex):
     by default they are computed with it (cached on disk, truncated at ``max_length`` tokens).
     Queries are embedded with the same model (``model``/``tokenizer``, loaded on first use if not
     given) unless ``embed_query`` -- a function from a list of texts to an (n, d) array -- is passed.
-    Query vectors are remembered, so searching the same question twice embeds it once.
+    With ``cache_queries`` (default) query vectors are remembered, so searching the same question
+    twice embeds it once (turn it off to time query embedding).
     """
 
     def __init__(self, chunks: Iterable[Chunk], embeddings: np.ndarray | None = None, *, model=None,
                  tokenizer=None, max_length: int = 256,
-                 embed_query: Callable[[list[str]], np.ndarray] | None = None) -> None:
+                 embed_query: Callable[[list[str]], np.ndarray] | None = None,
+                 cache_queries: bool = True) -> None:
         super().__init__(_check_chunks(chunks, "DenseIndex"))
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither (then the embedder is loaded)")
         self._model, self._tokenizer, self.max_length = model, tokenizer, max_length
-        self._embed_query = embed_query
+        self._embed_query, self.cache_queries = embed_query, cache_queries
         if embeddings is None:
             from utils.embed import embed_texts
 
@@ -497,6 +503,9 @@ class DenseIndex(_ArrayIndex):
             if vectors.shape != (len(new), self.embeddings.shape[1]):
                 raise ValueError(f"query embeddings have shape {vectors.shape}, expected "
                                  f"({len(new)}, {self.embeddings.shape[1]}) like the chunk embeddings")
+            if not self.cache_queries:
+                found = dict(zip(new, vectors))
+                return np.stack([found[q] for q in queries])
             self._query_cache.update(zip(new, vectors))
         return np.stack([self._query_cache[q] for q in queries])
 
