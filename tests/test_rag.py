@@ -73,26 +73,28 @@ def model(tokenizer):
 # ---------------------------------------------------------------------------------------- prompts
 
 def test_sources_prompt_numbers_titles_and_clips():
-    msgs = rag.sources_prompt(" Why immutable? ", CHUNKS, max_words=3)
-    assert [m["role"] for m in msgs] == ["system", "user"]
-    assert msgs[0]["content"] == rag.GROUNDED_INSTRUCTIONS
-    user = msgs[1]["content"]
+    (msg,) = rag.sources_prompt(" Why immutable? ", CHUNKS, max_words=3)
+    assert msg["role"] == "user"
+    user = msg["content"]
     assert user.startswith("Sources:\n[1] Design FAQ: Strings are immutable. ...")
     assert "\n\n[2] Tutorial: Lists are mutable. ...\n\n[3] Indentation groups statements.\n" in user
-    assert user.endswith("Question: Why immutable?")
+    assert user.endswith("Question: Why immutable?\n" + rag.GROUNDED_INSTRUCTIONS.format(
+        numbers="[1], [2] or [3]"))
     plain = rag.sources_prompt("q", ["raw text", {"text": "dict text", "title": "T"}],
-                               instructions="Be brief.")
-    assert plain[0]["content"] == "Be brief."
+                               instructions="Cite {numbers}.", system="Be brief.")
+    assert plain[0] == {"role": "system", "content": "Be brief."}
     assert "[1] raw text\n\n[2] T: dict text" in plain[1]["content"]
+    assert plain[1]["content"].endswith("Cite [1] or [2].")
+    assert rag.sources_prompt("q", ["x"])[0]["content"].endswith("as [1].")
 
 
 def test_clip_words_and_closed_book():
     assert rag.clip_words("a  b\nc", None) == "a  b\nc"
     assert rag.clip_words("a  b\nc", 3) == "a b c"
     assert rag.clip_words("a b c d", 2) == "a b ..."
-    msgs = rag.closed_book_prompt("Why?")
-    assert msgs == [{"role": "system", "content": rag.CLOSED_BOOK_INSTRUCTIONS},
-                    {"role": "user", "content": "Question: Why?"}]
+    assert rag.closed_book_prompt("Why?") == [
+        {"role": "user", "content": "Question: Why?\n" + rag.CLOSED_BOOK_INSTRUCTIONS}]
+    assert rag.closed_book_prompt("Why?", system="S")[0] == {"role": "system", "content": "S"}
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -111,8 +113,8 @@ def test_prompt_errors(call, error, match):
 def test_render_prompt_and_token_count(tokenizer):
     msgs = rag.closed_book_prompt("Why?")
     text = rag.render_prompt(tokenizer, msgs)
-    assert text == ("<|im_start|>system\n" + rag.CLOSED_BOOK_INSTRUCTIONS + "<|im_end|>\n"
-                    "<|im_start|>user\nQuestion: Why?<|im_end|>\n<|im_start|>assistant\n")
+    assert text == ("<|im_start|>user\nQuestion: Why?\n" + rag.CLOSED_BOOK_INSTRUCTIONS
+                    + "<|im_end|>\n<|im_start|>assistant\n")
     assert rag.render_prompt(tokenizer, msgs, "Source [") == text + "Source ["
     n = rag.prompt_tokens(tokenizer, msgs)
     assert n == len(tokenizer(text, add_special_tokens=False).input_ids)

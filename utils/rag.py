@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-#: The system message of a grounded prompt: answer from the sources only and cite them.
-GROUNDED_INSTRUCTIONS = (
-    "Answer the question using only the numbered sources below. After each sentence, cite the "
-    "source it comes from as [1], [2] or [3]. If the sources do not contain the answer, say "
-    "\"I don't know\".")
+#: The instruction closing a grounded prompt; ``{numbers}`` becomes "[1], [2] or [3]" for three sources.
+#: It comes *after* the sources and the question: a 135M model follows the instruction it read last
+#: far better than a system message before a few hundred tokens of sources.
+GROUNDED_INSTRUCTIONS = ("Answer the question in one or two sentences using only the sources above, "
+                         "and cite the source you used as {numbers}.")
 
-#: The system message of a closed-book prompt (no sources).
-CLOSED_BOOK_INSTRUCTIONS = "Answer the question about Python briefly and accurately."
+#: The instruction closing a closed-book prompt (no sources).
+CLOSED_BOOK_INSTRUCTIONS = "Answer the question in one or two sentences."
 
 #: A citation marker: ``[1]``, ``[2, 3]`` or ``[1][2]`` (each bracket is one marker).
 CITATION_RE = re.compile(r"\[\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
@@ -102,23 +102,38 @@ def format_sources(chunks: Sequence[Any], max_words: int | None = None) -> str:
     return "\n\n".join(lines)
 
 
+def _numbers(n: int) -> str:
+    marks = [f"[{i}]" for i in range(1, n + 1)]
+    return marks[0] if n == 1 else ", ".join(marks[:-1]) + " or " + marks[-1]
+
+
+def _chat(user: str, system: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 def sources_prompt(question: str, chunks: Sequence[Any], *, max_words: int | None = None,
-                   instructions: str = GROUNDED_INSTRUCTIONS) -> list[dict]:
-    """Chat messages for a grounded answer: a system message with ``instructions`` and a user
-    message holding the numbered sources ``[1]..[n]`` (each cut to ``max_words`` words) and the
-    question. Cite-able numbers are the 1-based positions in ``chunks``."""
+                   instructions: str = GROUNDED_INSTRUCTIONS, system: str | None = None) -> list[dict]:
+    """Chat messages for a grounded answer: one user message holding the numbered sources
+    ``[1]..[n]`` (each cut to ``max_words`` words), the question, and ``instructions`` (whose
+    ``{numbers}``, if present, lists the cite-able markers). Cite-able numbers are the 1-based
+    positions in ``chunks``. ``system`` adds a system message (else the chat template's default)."""
     _check_question(question)
     if not chunks:
         raise ValueError("sources_prompt needs at least one chunk; use closed_book_prompt for none")
-    user = f"Sources:\n{format_sources(chunks, max_words)}\n\nQuestion: {question.strip()}"
-    return [{"role": "system", "content": instructions}, {"role": "user", "content": user}]
+    user = (f"Sources:\n{format_sources(chunks, max_words)}\n\nQuestion: {question.strip()}\n"
+            + instructions.replace("{numbers}", _numbers(len(chunks))))
+    return _chat(user, system)
 
 
-def closed_book_prompt(question: str, *, instructions: str = CLOSED_BOOK_INSTRUCTIONS) -> list[dict]:
-    """Chat messages asking the question with no sources (the model answers from its weights)."""
+def closed_book_prompt(question: str, *, instructions: str = CLOSED_BOOK_INSTRUCTIONS,
+                       system: str | None = None) -> list[dict]:
+    """Chat messages asking the question with no sources (the model answers from its weights),
+    in the same shape as :func:`sources_prompt`."""
     _check_question(question)
-    return [{"role": "system", "content": instructions},
-            {"role": "user", "content": f"Question: {question.strip()}"}]
+    return _chat(f"Question: {question.strip()}\n{instructions}", system)
 
 
 def render_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
