@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from utils.dpo import cached_response_logprobs, preference_metrics, trl_dpo_loss
+from utils.dpo import cached_response_logprobs, preference_metrics, trl_dpo_loss, trl_kto_loss
 from utils.finetune import pad_cached, trunk_cache
-from utils.preference import IGNORE_INDEX, dpo_loss, ipo_loss, sequence_logprobs
+from utils.preference import IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, sequence_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,24 @@ def test_trl_dpo_loss_errors():
         trl_dpo_loss(x[0][:3], *x[1:])
     with pytest.raises(ValueError, match="lengths"):
         trl_dpo_loss(*x, chosen_lengths=torch.zeros(5))
+
+
+@pytest.mark.parametrize("shift", [0.0, 4.0, -4.0])
+def test_trl_kto_loss_equals_ours(shift):
+    g = torch.Generator().manual_seed(7)
+    ref = -torch.rand(6, generator=g) * 20
+    pol = ref + torch.randn(6, generator=g) * 3
+    desirable = torch.tensor([True, False, True, True, False, False])
+    kl_pol, kl_ref = pol.roll(1) + shift, ref.roll(1)  # TRL's mismatched batch for a single prompt
+    z = (kl_pol - kl_ref).mean()
+    ours = kto_loss(pol, ref, desirable, kl=z, beta=0.3, undesirable_weight=1.5).mean()
+    theirs = trl_kto_loss(pol, ref, desirable, kl_pol, kl_ref, beta=0.3, undesirable_weight=1.5)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_trl_kto_loss_errors():
+    t, d = torch.zeros(3), torch.tensor([True, False, True])
+    with pytest.raises(ValueError, match="five non-empty"):
+        trl_kto_loss(t, t, d, t, torch.zeros(2))
+    with pytest.raises(TypeError, match="bool"):
+        trl_kto_loss(t, t, torch.ones(3), t, t)

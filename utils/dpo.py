@@ -8,6 +8,8 @@ metrics of a policy against its reference, and TRL's DPO loss as a check (Part 3
   $\\beta(\\log\\pi - \\log\\pi^{ref})$, its mean margin, and the per-token log-ratio to the reference.
 - :func:`trl_dpo_loss`: TRL's own ``DPOTrainer`` loss on given sequence log-probabilities, to check
   :func:`utils.preference.dpo_loss` (and IPO) against the library in a chapter.
+- :func:`trl_kto_loss`: the same for TRL's ``KTOTrainer``, including its reference point $z$ estimated
+  from a mismatched (KL) batch, to check :func:`utils.preference.kto_loss` in a chapter.
 """
 from __future__ import annotations
 
@@ -125,3 +127,41 @@ def trl_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref
     inputs = {"input_ids": torch.zeros(2 * n, T, dtype=torch.long), "attention_mask": torch.ones(2 * n, T),
               "completion_mask": mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
     return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
+
+
+def trl_kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+                 kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor, beta: float = 0.1,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """The batch-mean loss of TRL's ``KTOTrainer._compute_loss`` for these sequence log-probabilities.
+
+    ``policy_logps`` and ``ref_logps`` are the batch's (prompt, response) log-probabilities under the
+    policy and the reference, ``desirable`` its bool labels. ``kl_policy_logps`` and ``kl_ref_logps`` are
+    the log-probabilities of TRL's *mismatched* batch (response $i-1$ after prompt $i$); TRL's reference
+    point is the clamped mean log-ratio over that batch, $z = \\max(0, \\overline{\\log\\pi - \\log\\pi^{ref}})$,
+    not differentiated. TRL's model call is replaced by per-token log-probabilities that sum to
+    ``policy_logps``, and the reference log-probabilities are passed as precomputed. Requires ``trl`` (in 1.16 the trainer lives in
+    ``trl.trainer.kto_trainer``; ``trl.experimental.kto`` re-exports it with a deprecation warning).
+    """
+    from trl import KTOTrainer
+
+    n = policy_logps.numel()
+    tensors = (policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps)
+    if n == 0 or any(t.shape != (n,) for t in tensors):
+        raise ValueError("need five non-empty 1-D tensors of one shape (one value per example)")
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    T = 5
+    per_token = policy_logps[:, None].expand(n, T - 1) / (T - 1)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(n, T - 1),
+                              mean_logits=torch.zeros(n, T - 1))
+    accelerator = SimpleNamespace(device=policy_logps.device, gather=lambda t: t,
+                                  gather_for_metrics=lambda t: t)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, beta=beta,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        loss_type="kto", precompute_ref_logps=True, calculate_KL=True, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, _compute_kl_logps=lambda model, batch: kl_policy_logps)
+    inputs = {"input_ids": torch.zeros(n, T, dtype=torch.long), "attention_mask": torch.ones(n, T),
+              "completion_mask": torch.ones(n, T, dtype=torch.long), "label": desirable,
+              "ref_logps": ref_logps, "ref_KL_logps": kl_ref_logps}
+    return KTOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
