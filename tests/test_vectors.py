@@ -142,6 +142,11 @@ def test_binary_hamming_equals_faiss_binary_flat(d):
     assert V.hamming_distances(qb[0], cb).shape == (1, 200)     # one packed vector is one row
 
 
+def test_hamming_counts_past_the_uint16_range():
+    ones, zeros = np.full((1, 8192), 255, dtype=np.uint8), np.zeros((2, 8192), dtype=np.uint8)
+    assert V.hamming_distances(ones, zeros).tolist() == [[65536, 65536]]   # accumulated in int32
+
+
 def test_rescore_recovers_exact_order_among_candidates():
     corpus, queries = unit(300), unit(10, seed=3)
     _, exact_ids = V.exact_search(queries, corpus, 5)

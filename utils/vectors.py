@@ -227,25 +227,31 @@ def _as_bits(x: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty uint8 (rows, bytes) matrix from binarize, "
                          f"got {arr.dtype} {arr.shape}")
-    return arr
+    return np.ascontiguousarray(arr)
 
 
-def hamming_distances(query_bits: np.ndarray, corpus_bits: np.ndarray, block: int = 256) -> np.ndarray:
-    """Number of differing bits between every query and corpus row: popcount(q XOR c), ``(q, n)`` int.
+def hamming_distances(query_bits: np.ndarray, corpus_bits: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Number of differing bits between every query and corpus row: popcount(q XOR c), ``(q, n)`` int32.
 
-    Rows are XOR-ed 8 bytes at a time (as uint64 words when the byte count allows) and the set bits
-    counted with ``np.bitwise_count``; queries go ``block`` at a time to bound the temporary array.
+    Rows are compared one machine word at a time (8 bytes as a uint64 when the byte count allows, else
+    one byte): XOR a query word with the same word of every corpus row, count the set bits with
+    ``np.bitwise_count`` and add up over the words. Queries go ``block`` at a time.
     """
     q, c = _as_bits(query_bits, "query_bits"), _as_bits(corpus_bits, "corpus_bits")
     _check_dims(q, c, "bytes")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    acc_dtype = np.uint16 if 8 * q.shape[1] < 2**16 else np.int32   # the largest distance must fit
     if q.shape[1] % 8 == 0:
         q, c = q.view(np.uint64), c.view(np.uint64)
+    words = np.ascontiguousarray(c.T)                    # (words, n): one word of every corpus row
     out = np.empty((q.shape[0], c.shape[0]), dtype=np.int32)
     for start in range(0, q.shape[0], block):
-        xor = q[start:start + block, None, :] ^ c[None, :, :]
-        out[start:start + block] = np.bitwise_count(xor).sum(axis=2, dtype=np.int32)
+        qb = q[start:start + block]
+        acc = np.zeros((qb.shape[0], c.shape[0]), dtype=acc_dtype)
+        for w in range(q.shape[1]):
+            acc += np.bitwise_count(qb[:, w:w + 1] ^ words[w][None, :])
+        out[start:start + block] = acc
     return out
 
 
