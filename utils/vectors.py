@@ -174,7 +174,8 @@ def fit_int8(calibration: np.ndarray) -> Int8Codebook:
 
 
 def quantize_int8(x: np.ndarray, book: Int8Codebook) -> np.ndarray:
-    """int8 codes: bucket $b = \\lfloor (x - lo) / \\text{step} \\rfloor$ clipped to 0..255, stored as $b - 128$."""
+    """int8 codes: bucket $b = \\lfloor (x - lo) / \\text{step} \\rfloor$ clipped to 0..255, stored
+    as $b - 128$."""
     x = as_matrix(x, "x")
     if x.shape[1] != book.lo.shape[0]:
         raise ValueError(f"x has {x.shape[1]} dims but the codebook was fitted on {book.lo.shape[0]}")
