@@ -233,6 +233,17 @@ def test_containment_ignores_stopwords_and_question_words():
         rag.contains_answer("x", gold, threshold=1.5)
 
 
+def test_key_terms_and_their_recall():
+    gold = "Strings are immutable. Immutable strings hash fast; hash values never change. Speed."
+    assert rag.key_terms(gold, n=3) == ["strings", "immutable", "hash"]
+    assert rag.key_terms(gold, "Why are strings immutable?", n=3) == ["hash", "fast", "values"]
+    got = rag.key_term_recall("They hash fast [1].", gold, "Why are strings immutable?", n=3)
+    assert got == pytest.approx(2 / 3)
+    assert rag.key_term_recall("anything", "the a an", n=3) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        rag.key_terms(gold, n=0)
+
+
 # ------------------------------------------------------------------------------------ compression
 
 def test_split_sentences():

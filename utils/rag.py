@@ -7,8 +7,8 @@ batched greedy answers, citation checks, answer metrics and extractive context c
 - :func:`generate_answers`: greedy answers for many prompts at once (left padding, attention mask).
 - :func:`cited_numbers`, :func:`check_citations`, :func:`citation_correct`: which sources an answer
   cites, and whether those citations are right (see :class:`CitationCheck` for the definition).
-- :func:`normalize_tokens`, :func:`token_f1`, :func:`containment`, :func:`contains_answer`: answer
-  quality against a gold passage.
+- :func:`normalize_tokens`, :func:`token_f1`, :func:`containment`, :func:`contains_answer`,
+  :func:`key_terms`, :func:`key_term_recall`: answer quality against a gold passage.
 - :func:`split_sentences`, :func:`compress_context`: keep only the sentences of the retrieved chunks
   most similar to the question (extractive compression).
 - :func:`answer_questions`, :func:`answer_question`: retrieve, build the prompt, generate, parse the
@@ -328,6 +328,26 @@ def contains_answer(prediction: str, gold: str, question: str | None = None,
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     return containment(prediction, gold, question) >= threshold
+
+
+def key_terms(gold: str, question: str | None = None, n: int = 10) -> list[str]:
+    """The ``n`` most frequent content words of the gold passage that are not in the question (ties
+    broken by first appearance): what a complete answer would likely mention."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    asked = set(normalize_tokens(question, drop_stopwords=True)) if question is not None else set()
+    words = [w for w in normalize_tokens(gold, drop_stopwords=True) if w not in asked]
+    return [w for w, _ in Counter(words).most_common(n)]  # most_common keeps first-seen order on ties
+
+
+def key_term_recall(prediction: str, gold: str, question: str | None = None, n: int = 10) -> float:
+    """Fraction of :func:`key_terms` of the gold passage that occur in the prediction: the recall
+    side of answer quality (:func:`containment` is the precision side). 0.0 if there are no key terms."""
+    terms = key_terms(gold, question, n)
+    if not terms:
+        return 0.0
+    said = set(normalize_tokens(prediction))
+    return sum(t in said for t in terms) / len(terms)
 
 
 # ----------------------------------------------------------------------------------------------
