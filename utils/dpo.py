@@ -137,9 +137,10 @@ def trl_kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable:
     ``policy_logps`` and ``ref_logps`` are the batch's (prompt, response) log-probabilities under the
     policy and the reference, ``desirable`` its bool labels. ``kl_policy_logps`` and ``kl_ref_logps`` are
     the log-probabilities of TRL's *mismatched* batch (response $i-1$ after prompt $i$); TRL's reference
-    point is the clamped mean log-ratio over that batch, $z = \\max(0, \\overline{\\log\\pi - \\log\\pi^{ref}})$,
-    not differentiated. TRL's model call is replaced by per-token log-probabilities that sum to
-    ``policy_logps``, and the reference log-probabilities are passed as precomputed. Requires ``trl`` (in 1.16 the trainer lives in
+    point is the clamped mean log-ratio over that batch,
+    $z = \\max(0, \\overline{\\log\\pi - \\log\\pi^{ref}})$, not differentiated. TRL's model call is
+    replaced by per-token log-probabilities that sum to ``policy_logps``, and the reference
+    log-probabilities are passed as precomputed. Requires ``trl`` (in 1.16 the trainer lives in
     ``trl.trainer.kto_trainer``; ``trl.experimental.kto`` re-exports it with a deprecation warning).
     """
     from trl import KTOTrainer
