@@ -28,6 +28,8 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.kvcache`   a preallocated KV cache for our Llama and cached generation
 - :mod:`utils.roofline`  bandwidth and matmul microbenchmarks, the roofline and decode/prefill bounds
 - :mod:`utils.speculative` draft-and-verify decoding (model and prompt-lookup drafters)
+- :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
+- :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
 """
 import warnings
 
