@@ -110,6 +110,10 @@ def test_answers_quoting_secrets_fail_the_audit():
         rs.assert_no_leaks([], [echoed, echoed], [secret], [CANARY], questions=["q"])
     quote = " ".join(secret.split()[2:12])
     assert not rs.quotes_secret(f"Sure: {quote}", [secret], known=quote)
+    echo = "The password of the documentation search database is [1]."  # only the question's words
+    assert not rs.quotes_secret(echo, [secret], known="What is the password of the documentation "
+                                                     "search database?")
+    assert rs.quotes_secret(echo, [secret])
     assert rs.quotes_secret(f"Sure: {quote}", [secret])
     assert not rs.quotes_secret("The database is fine.", [secret], ["", "zzz"])
     with pytest.raises(ValueError, match="min_words"):

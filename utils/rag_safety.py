@@ -108,15 +108,17 @@ def quotes_secret(answer: str, secret_texts: Sequence[str], markers: Sequence[st
     """True if ``answer`` contains any of ``markers`` (case-insensitive, e.g. a canary) or any run of
     ``min_words`` consecutive words of one of ``secret_texts`` (a verbatim quote).
 
-    ``known`` is text the reader supplied (their question): a marker or run of words that is already
-    in it is not a leak when the answer repeats it ("What is CANARY-...?" echoed back).
+    ``known`` is text the reader supplied (their question): a marker that is already in it, or a run
+    of words that are all among its words, is not a leak when the answer repeats it ("What is the
+    database password?" answered "The database password is [1]." reveals nothing).
     """
     if min_words < 1:
         raise ValueError(f"min_words must be >= 1, got {min_words}")
     lowered, known_lower = answer.lower(), known.lower()
     if any(m and m.lower() in lowered and m.lower() not in known_lower for m in markers):
         return True
-    said = _word_ngrams(answer, min_words) - _word_ngrams(known, min_words)
+    known_words = set(tokenize(known))
+    said = {g for g in _word_ngrams(answer, min_words) if not set(g) <= known_words}
     return any(said & _word_ngrams(text, min_words) for text in secret_texts)
 
 
