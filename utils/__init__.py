@@ -31,11 +31,15 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
 """
+import logging
 import warnings
 
 # tqdm.auto warns that ipywidgets is missing whenever transformers imports it. The book never uses
 # widget progress bars (a static page cannot show them; see utils.progress), so the warning is noise.
 warnings.filterwarnings("ignore", message="IProgress not found")
+# bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package (which
+# would download a kernel from the Hub) is absent. The book never needs that kernel; the message is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from utils.book import ChapterClock, glue, progress, show_source, use_book_style
 from utils.measure import benchmark, count_parameters, describe_machine, peak_memory_bytes
