@@ -332,3 +332,18 @@ def test_answer_questions_errors(model, tokenizer, kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rag.answer_questions(**args)
+
+
+def test_pipeline_with_the_toolkit_index_and_access_control(model, tokenizer):
+    from utils.retrieval import BM25Index, Chunk as ToolkitChunk
+
+    docs = [ToolkitChunk("s#0", "s", "Strings are immutable objects.", "FAQ"),
+            ToolkitChunk("l#0", "l", "Lists are mutable sequences.", "Tutorial"),
+            ToolkitChunk("x#0", "x", "Strings hold the admin password.", groups=frozenset({"staff"}))]
+    index = BM25Index(docs)
+    (a,) = rag.answer_questions(["Are strings immutable?"], index, model, tokenizer, k=3,
+                                allowed_groups={"public"}, max_new_tokens=2)
+    assert {c.doc_id for c in a.sources} <= {"s", "l"} and a.sources[0].doc_id == "s"
+    assert "password" not in a.messages[-1]["content"]
+    squeezed = rag.compress_context("Are strings immutable?", list(a.sources), 1, embed=bow_embed)
+    assert [c.chunk_id for c in squeezed] == ["s#0"] and isinstance(squeezed[0], ToolkitChunk)
