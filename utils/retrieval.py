@@ -16,7 +16,7 @@ Everything a retrieval-augmented pipeline needs before the language model sees a
 Conventions, decided once here so that every chapter agrees:
 
 - **Sizes are counted in words** (runs of non-space characters, :func:`count_words`). all-MiniLM-L6-v2
-  counts WordPiece tokens, about 1.3-1.6 per word on the Python docs, and truncates at 256 of them.
+  counts WordPiece tokens, about 1.6 per word on the Python docs, and truncates at 256 of them.
 - **What is indexed** for a chunk is :func:`embedding_text`: its ``title`` (heading context), a blank
   line, then its ``text``. BM25 indexes the same string, so both retrievers see the same words.
   :func:`sections_as_chunks` uses the *page* title as ``title``, not the section heading: in the FAQ the
