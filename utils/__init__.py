@@ -30,6 +30,10 @@ Modules (each short enough to read in one sitting):
 - :mod:`utils.speculative` draft-and-verify decoding (model and prompt-lookup drafters)
 - :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
+- :mod:`utils.retrieval` the retrieval toolkit: chunking, BM25, dense and hybrid indexes, reranking, evaluation
+- :mod:`utils.rag`       grounded answers with numbered sources and citations, answer metrics, compression
+- :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences, a chunk grader
+- :mod:`utils.kg`        a knowledge graph of rule-extracted triples from the docs, and multi-hop walks
 """
 import logging
 import warnings
