@@ -5,8 +5,8 @@ import math
 import peft
 import pytest
 import torch
-from tiny_chatml import chatml_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_chatml import chatml_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM
 
 from utils.compare import (IA3Linear, METHODS, TaskCache, TopModel, build_task_cache, build_top, evaluate,
                            nf4_round_trip_, run_method, trainable_count)
@@ -29,13 +29,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, num_hidden_layers=3, max_position_embeddings=256, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

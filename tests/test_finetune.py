@@ -1,8 +1,8 @@
 """Tests for utils.finetune on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download)."""
 import pytest
 import torch
-from tiny_chatml import chatml_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_chatml import chatml_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.finetune import (answer_positions, label_logits, label_token_ids, pad_cached, response_loss,
                             score_labels, top_forward, trunk_cache)
@@ -20,19 +20,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return chatml_tokenizer(CORPUS)
 
 
-def tiny_llama(tokenizer, attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      attn_implementation=attn)
-    return LlamaForCausalLM(cfg).eval()
+def llama(tokenizer, attn: str) -> LlamaForCausalLM:
+    return tiny_llama(tokenizer, num_hidden_layers=3, max_position_embeddings=256, attn_implementation=attn)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request, tokenizer) -> LlamaForCausalLM:
-    return tiny_llama(tokenizer, request.param)
+    return llama(tokenizer, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def test_response_loss_equals_masked_lm_loss_and_the_models_own(model, tokenizer
 
 
 def test_gradients_reach_only_the_top(tokenizer, examples):
-    model = tiny_llama(tokenizer, "sdpa")
+    model = llama(tokenizer, "sdpa")
     H, Y = pad_cached(trunk_cache(model, examples, 1, tokenizer.pad_token_id))
     assert not H.requires_grad and model.training is False
     response_loss(model, top_forward(model, H, 1), Y).backward()

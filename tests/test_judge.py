@@ -1,8 +1,7 @@
 """Tests for utils.judge on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download)."""
 import pytest
 import torch
-from tiny_chatml import chatml_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_chatml import chatml_tokenizer, tiny_llama
 
 from utils.finetune import trunk_cache
 from utils.judge import (ANSWER_CUE, JUDGE_STYLES, cached_sequence_logprobs, debiased_prob,
@@ -24,12 +23,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, num_hidden_layers=3, max_position_embeddings=512)
 
 
 def test_messages_and_ids(tokenizer):

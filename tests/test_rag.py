@@ -5,8 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from tiny_chatml import chatml_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_chatml import chatml_tokenizer, tiny_llama
 
 from utils import rag
 
@@ -62,12 +61,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, num_hidden_layers=2, max_position_embeddings=1024)
 
 
 # ---------------------------------------------------------------------------------------- prompts

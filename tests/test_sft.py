@@ -2,8 +2,8 @@
 a tiny random LlamaForCausalLM: no downloaded model needed."""
 import pytest
 import torch
-from tiny_chatml import CHATML, chatml_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.sft import (IGNORE_INDEX, NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, build_example, collate, contains,
                        exact_match, faq_pairs, generate_responses, label_accuracy, masked_lm_loss,
@@ -20,12 +20,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, num_hidden_layers=2, max_position_embeddings=256)
 
 
 def boundary(example: dict) -> int:

@@ -18,3 +18,19 @@ def chatml_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedToke
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, num_hidden_layers: int = 2,
+               max_position_embeddings: int = 1024, attn_implementation: str | None = None, seed: int = 0):
+    """A tiny random ``LlamaForCausalLM`` (hidden 32, 4 heads, 2 KV heads) sized to ``tokenizer``, in eval mode.
+    Shared by the tests of every helper that runs a chat model, so none of them downloads one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_position_embeddings, initializer_range=0.2,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, **extra)
+    return LlamaForCausalLM(cfg).eval()
