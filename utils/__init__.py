@@ -44,6 +44,9 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package (which
 # would download a kernel from the Hub) is absent. The book never needs that kernel; the message is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still calls transformers' `is_gradient_checkpointing`, renamed in transformers 5; the FutureWarning
+# is about peft's code, not the reader's, and would sit in the page under every LoRA wrap.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from utils.book import ChapterClock, glue, progress, show_source, use_book_style
 from utils.measure import benchmark, count_parameters, describe_machine, peak_memory_bytes
