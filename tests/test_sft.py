@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.sft import (IGNORE_INDEX, NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, build_example, collate, contains,
                        exact_match, faq_pairs, generate_responses, label_accuracy, masked_lm_loss,
-                       normalize_answer, sentiment_pairs, token_f1)
+                       multiset_f1, normalize_answer, sentiment_pairs, token_f1)
 
 CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
           "The film was dull and bad: negative.", "user assistant system You are a helpful assistant."] * 5
@@ -179,6 +179,8 @@ def test_squad_metrics_on_hand_checked_cases():
     assert token_f1("Santa Clara, California", "Levi's Stadium") == 0.0
     assert token_f1("a", "the") == 1.0 and token_f1("", "Denver") == 0.0  # both / one side empty
     assert token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)  # repeats counted once each side
+    assert multiset_f1(["x", "y"], ["y", "x"]) == 1.0  # order does not matter
+    assert multiset_f1([], []) == 1.0 and multiset_f1([], ["x"]) == 0.0
     assert contains("I think it is the Denver Broncos.", "Denver Broncos") == 1.0
     assert contains("nonpositive", "positive") == 0.0  # whole words only
     with pytest.raises(ValueError, match="empty after normalisation"):

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.sft import multiset_f1
+
 #: The instruction closing a grounded prompt; ``{numbers}`` becomes "[1], [2] or [3]" for three sources.
 #: It comes *after* the sources and the question: a 135M model follows the instruction it read last
 #: far better than a system message before a few hundred tokens of sources.
@@ -295,14 +297,7 @@ def token_f1(prediction: str, gold: str) -> float:
     """SQuAD token F1: harmonic mean of the precision and recall of the prediction's tokens against
     the gold's (as multisets, after :func:`normalize_tokens`). 1.0 if both are empty, 0.0 if one is.
     Against a long gold passage recall, and so F1, stays small even for a right answer."""
-    pred, ref = normalize_tokens(prediction), normalize_tokens(gold)
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return multiset_f1(normalize_tokens(prediction), normalize_tokens(gold))
 
 
 def containment(prediction: str, gold: str, question: str | None = None) -> float:

@@ -5,8 +5,8 @@
 - :func:`collate`: examples -> padded tensors; :func:`masked_lm_loss`: the loss on response tokens.
 - :func:`faq_pairs` and :func:`sentiment_pairs`: two small tasks built from the shipped ``data/``,
   each with a fixed, seeded train/test split.
-- :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1`, :func:`contains` (SQuAD-style
-  answer metrics) and :func:`label_accuracy` (for the sentiment task).
+- :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1` (on :func:`multiset_f1`), :func:`contains`
+  (SQuAD-style answer metrics) and :func:`label_accuracy` (for the sentiment task).
 - :func:`generate_responses`: greedy, batched answers to a list of prompts.
 """
 from __future__ import annotations
@@ -241,9 +241,14 @@ def token_f1(pred: str, gold: str) -> float:
     With $c$ the number of words in common (counting repeats), $p = c/|\\text{pred}|$,
     $r = c/|\\text{gold}|$ and $F_1 = 2pr/(p+r)$; if either side is empty, 1.0 when both are, else 0.0.
     """
-    pred_tokens, gold_tokens = normalize_answer(pred).split(), normalize_answer(gold).split()
+    return multiset_f1(normalize_answer(pred).split(), normalize_answer(gold).split())
+
+
+def multiset_f1(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    """F1 of two token lists compared as multisets (the core of every token-F1 metric in the book);
+    1.0 if both are empty, 0.0 if only one is."""
     if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
+        return float(len(pred_tokens) == len(gold_tokens))
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
     if common == 0:
         return 0.0
