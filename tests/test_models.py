@@ -125,3 +125,15 @@ def test_unreadable_cache_marker_says_which_folder_to_delete(tmp_path, monkeypat
     (broken / "SOURCE.json").write_text("{truncated")
     with pytest.raises(ModelCacheError, match="Delete the cache at"):
         models.converted_model_dir()
+
+
+def test_no_progress_bars_restores_the_callers_setting():
+    from transformers.utils import logging as hf_logging
+    try:
+        for before in (True, False):
+            (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+            with models._no_progress_bars():
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() == before
+    finally:
+        hf_logging.enable_progress_bar()

@@ -108,11 +108,13 @@ def _no_progress_bars() -> Iterator[None]:
         warnings.simplefilter("ignore")
         from transformers.utils import logging as hf_logging
 
+        was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             yield
         finally:
-            hf_logging.enable_progress_bar()
+            if was_enabled:  # restore, never switch on what a caller had switched off
+                hf_logging.enable_progress_bar()
 
 
 def _convert_gguf(name: str, target: Path) -> None:
