@@ -27,10 +27,10 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, num_hidden_layers: int = 2,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=max_position_embeddings, initializer_range=0.2,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, **extra)
+                      pad_token_id=tokenizer.pad_token_id,
+                      attn_implementation=attn_implementation)
     return LlamaForCausalLM(cfg).eval()
