@@ -16,7 +16,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BOOK_FILES = ["_config.yml", "_toc.yml", "references.bib"]
+# Besides the pages: the configuration, the bibliography, and the claims-ledger Sphinx extension
+# (_config.yml's local_extensions path is relative to the book's root).
+BOOK_FILES = ["_config.yml", "_toc.yml", "references.bib", "scripts/claims_ledger.py"]
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -40,6 +42,7 @@ def main(executed_dir: str) -> int:
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     for name in BOOK_FILES:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, src / name)
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     missing = []
