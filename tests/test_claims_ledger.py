@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("claims_ledger", ROOT / "scripts" / "claims_ledger.py")
+_spec = importlib.util.spec_from_file_location("claims_ledger",
+                                               ROOT / "scripts" / "claims_ledger.py")
 claims_ledger = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("claims_ledger", claims_ledger)  # dataclasses look their module up
 _spec.loader.exec_module(claims_ledger)
@@ -29,7 +30,8 @@ def glued(name: str, plain: str) -> nbformat.NotebookNode:
 
 def executed_notebook() -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
     nb.cells = [
         nbformat.v4.new_markdown_cell("# A tiny chapter\n\nThe ratio is {glue:text}`ratio:.2f`."),
         nbformat.v4.new_code_cell("glue('ratio', 0.5912345678)", outputs=[
