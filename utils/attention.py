@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from utils.checks import check_positive_int
+
 
 def causal_mask(n_queries: int, n_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask, True where query i may attend to key j (j <= i, aligned to the last key)."""
@@ -98,8 +100,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     softmax). Tensors are shaped (..., seq, d); ``causal`` aligns query $i$ with key $i + n_k - n_q$,
     like :func:`causal_mask`. Extra memory: a few (block, block) tiles instead of (n_q, n_k).
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_positive_int("block_size", block_size)
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
                          "need q (..., n_q, d), k (..., n_k, d), v (..., n_k, d_v)")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
+from utils.checks import check_positive_int
+
 
 # ----------------------------------------------------------------------------- validation
 def _check_logits(logits: torch.Tensor) -> None:
@@ -41,8 +43,7 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _check_top_k(top_k: int) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r} (use None to disable top-k)")
+    check_positive_int("top_k", top_k, hint="use None to disable top-k")
 
 
 def _check_top_p(top_p: float) -> None:
@@ -53,11 +54,6 @@ def _check_top_p(top_p: float) -> None:
 def _check_input_ids(input_ids: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError("input_ids must be a (batch, prompt_length) tensor with prompt_length >= 1")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- processors
@@ -128,7 +124,7 @@ def _step(model, input_ids: torch.Tensor, cache):
 def _decode(model, input_ids, max_new_tokens, choose, eos_token_id, pad_token_id) -> torch.Tensor:
     """Shared loop of greedy and sampling decoding: prefill once, then one token per step."""
     _check_input_ids(input_ids)
-    _check_count("max_new_tokens", max_new_tokens)
+    check_positive_int("max_new_tokens", max_new_tokens)
     if eos_token_id is not None and pad_token_id is None:
         pad_token_id = eos_token_id
     logits, cache = _step(model, input_ids, None)  # prefill: the whole prompt at once
@@ -220,8 +216,8 @@ def beam_search(
     _check_input_ids(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(f"beam_search decodes one prompt at a time; got a batch of {input_ids.shape[0]}")
-    _check_count("num_beams", num_beams)
-    _check_count("max_new_tokens", max_new_tokens)
+    check_positive_int("num_beams", num_beams)
+    check_positive_int("max_new_tokens", max_new_tokens)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     keep = 2 * num_beams  # enough candidates that num_beams survive even if num_beams of them end
@@ -322,7 +318,7 @@ def best_of_n(
     _check_input_ids(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(f"best_of_n takes one prompt; got a batch of {input_ids.shape[0]}")
-    _check_count("n", n)
+    check_positive_int("n", n)
     samples = sample_decode(
         model, input_ids.expand(n, -1), max_new_tokens, temperature, top_k, top_p,
         eos_token_id=eos_token_id, generator=generator,

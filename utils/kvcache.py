@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from utils.checks import check_positive_int
 from utils.llama import Llama, LlamaConfig
 
 
@@ -27,9 +28,8 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_len", max_len)
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -104,8 +104,7 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, cache: KVCach
     first ``cache.length`` tokens of ``idx`` (a cached shared prefix) to skip their prefill; without
     one, a cache of exactly the needed size is made.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if idx.dim() != 2 or idx.shape[1] == 0:

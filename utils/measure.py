@@ -13,15 +13,13 @@ import resource
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+from utils.checks import check_positive_int
 
 
 def _synchronize(device: torch.device | str | None) -> None:
@@ -59,8 +57,8 @@ def benchmark(
     On CUDA, pass ``device`` so the GPU is synchronised before each clock read.
     Use :attr:`Timing.median_s`: the median shrugs off a stray slow repeat.
     """
-    _check_positive("repeats", repeats)
-    _check_positive("warmup", warmup, minimum=0)
+    check_positive_int("repeats", repeats)
+    check_positive_int("warmup", warmup, minimum=0)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     for _ in range(warmup):
@@ -108,8 +106,12 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         raise ValueError(f"peak_memory_bytes supports 'cpu' and 'cuda', got {device!r}")
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _quiet_stderr(), warnings.catch_warnings():
+        # Some torch releases warn "Profiler clears events at the end of each cycle" here: harmless
+        # for one cycle, and not the reader's concern.
+        warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
         with _quiet_stderr():

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.checks import check_positive_int
 from utils.llama import MLP, LlamaConfig
 
 
 def _check_experts(n_experts: int, top_k: int) -> None:
     for name, value in (("n_experts", n_experts), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_positive_int(name, value)
     if top_k > n_experts:
         raise ValueError(f"top_k ({top_k}) cannot exceed n_experts ({n_experts}): "
                          "a token cannot use more experts than exist")

@@ -18,15 +18,11 @@ from typing import Iterable
 
 import torch
 
+from utils.checks import check_positive_int
 from utils.quant import dequantize_blockwise, quantize_blockwise
 
 
 # --- validation ----------------------------------------------------------------------------------
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
@@ -40,7 +36,7 @@ def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay:
 
 
 def _check_rank(rank: int, shape: tuple[int, ...]) -> None:
-    _check_int("rank", rank)
+    check_positive_int("rank", rank)
     if len(shape) != 2:
         raise ValueError(f"GaLore projects 2-D weight matrices, got a parameter of shape {tuple(shape)}; "
                          "put it in a parameter group with rank=None (plain AdamW)")
@@ -62,8 +58,8 @@ class GaLoreProjector:
     """
 
     def __init__(self, rank: int, update_interval: int = 200, scale: float = 1.0) -> None:
-        _check_int("rank", rank)
-        _check_int("update_interval", update_interval)
+        check_positive_int("rank", rank)
+        check_positive_int("update_interval", update_interval)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"scale must be a number > 0, got {scale!r}")
         self.rank, self.update_interval, self.scale = rank, update_interval, scale
@@ -166,7 +162,7 @@ def dynamic_levels(signed: bool, bits: int = 8, decades: float = 7.0) -> torch.T
     the idea behind bitsandbytes' dynamic tree quantization, in its simplest form.) Signed: $2^b - 1$
     levels; unsigned: $2^b$.
     """
-    _check_int("bits", bits, 2)
+    check_positive_int("bits", bits, 2)
     if bits > 8:
         raise ValueError(f"bits must be at most 8 (codes are stored as uint8), got {bits}")
     if isinstance(decades, bool) or not isinstance(decades, (int, float)) or not decades > 0:
@@ -185,7 +181,7 @@ def quantize_state(x: torch.Tensor, levels: torch.Tensor, block_size: int = 256
     Returns uint8 codes (flattened, padded) and one float32 absmax per block; see
     :func:`utils.quant.quantize_blockwise`.
     """
-    _check_int("block_size", block_size)
+    check_positive_int("block_size", block_size)
     flat = x.detach().reshape(-1).float()
     padding = (-flat.numel()) % block_size
     if padding:
@@ -212,7 +208,7 @@ class Adam8bit(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, block_size: int = 256) -> None:
         _check_adam(lr, betas, eps, weight_decay)
-        _check_int("block_size", block_size)
+        check_positive_int("block_size", block_size)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       block_size=block_size))
         # v is a square, so it spans twice the orders of magnitude of m: twice the decades
@@ -257,7 +253,7 @@ def adam_state_numbers(shape: tuple[int, int], rank: int | None = None) -> int:
     if len(shape) != 2:
         raise ValueError(f"shape must be (m, n), got {shape!r}")
     for name, value in zip(("m", "n"), shape):
-        _check_int(name, value)
+        check_positive_int(name, value)
     m, n = shape
     if rank is None:
         return 2 * m * n

@@ -13,10 +13,7 @@ import math
 
 import torch
 
-
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+from utils.checks import check_positive_int
 
 
 def _check_base(base: float) -> None:
@@ -30,8 +27,8 @@ def sinusoidal_encoding(n_positions: int, d_model: int, base: float = 10_000.0) 
     $$ PE_{p, 2i} = \\sin(p\\,\\omega_i), \\quad PE_{p, 2i+1} = \\cos(p\\,\\omega_i), \\quad
        \\omega_i = \\text{base}^{-2i/d_{\\text{model}}} . $$
     """
-    _check_positive_int("n_positions", n_positions)
-    _check_positive_int("d_model", d_model)
+    check_positive_int("n_positions", n_positions)
+    check_positive_int("d_model", d_model)
     if d_model % 2:
         raise ValueError(f"d_model must be even (sin/cos pairs), got {d_model}")
     _check_base(base)
@@ -47,7 +44,7 @@ def rope_frequencies(head_dim: int, base: float = 10_000.0) -> torch.Tensor:
     Computed exactly as Llama does (``1 / base ** (arange(0, d, 2) / d)`` in float32), so that the
     angles, and hence the rotated vectors, match its implementation bit for bit.
     """
-    _check_positive_int("head_dim", head_dim)
+    check_positive_int("head_dim", head_dim)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {head_dim}")
     _check_base(base)
@@ -98,7 +95,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     For a number of heads that is not a power of two, Press et al. take the slopes of the next lower
     power of two and fill up with every other slope of twice that many heads; we do the same.
     """
-    _check_positive_int("n_heads", n_heads)
+    check_positive_int("n_heads", n_heads)
 
     def power_of_two(n: int) -> list[float]:
         start = 2 ** (-8 / n)
@@ -118,7 +115,7 @@ def alibi_bias(n_heads: int, n: int) -> torch.Tensor:
     Add it to the scores $QK^\\top/\\sqrt{d_k}$ before the softmax. A causal model also masks
     $j > i$, so only the part $j \\le i$, a penalty growing with distance into the past, matters.
     """
-    _check_positive_int("n", n)
+    check_positive_int("n", n)
     slopes = alibi_slopes(n_heads)
     pos = torch.arange(n)
     distance = (pos[:, None] - pos[None, :]).abs().float()  # (n, n)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from utils.checks import check_positive_int, check_positive_number
 from utils.kvcache import generate
 
 
@@ -45,16 +46,14 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         for name in ("beta", "clip", "value_clip", "temperature", "max_grad_norm"):
-            _check_positive(getattr(self, name), name)
+            check_positive_number(name, getattr(self, name))
         if self.vf_coef < 0:
             raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef!r}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("epochs", "minibatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive_int(name, getattr(self, name))
 
 
 @dataclass
@@ -83,11 +82,6 @@ class Rollout:
 
 
 # --- checks ----------------------------------------------------------------------------------------
-
-def _check_positive(value: float, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-
 
 def _check_2d(**tensors: torch.Tensor) -> None:
     """All (batch, T), non-empty and of one shape."""
@@ -126,9 +120,8 @@ def sample_responses(model: nn.Module, prompt_ids: list[int], n: int, max_new_to
     with the KV cache of :func:`utils.kvcache.generate`."""
     if not prompt_ids:
         raise ValueError("need a non-empty prompt")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1 (the number of rollouts), got {n!r}")
-    _check_positive(temperature, "temperature")
+    check_positive_int("n", n, hint="the number of rollouts")
+    check_positive_number("temperature", temperature)
     device = next(model.parameters()).device
     idx = torch.tensor([list(prompt_ids)] * n, device=device)
     was_training = model.training
@@ -163,7 +156,7 @@ def kl_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch
                mask: torch.Tensor, beta: float) -> torch.Tensor:
     """(batch, T) per-token rewards $r_t = -\\beta(\\log\\pi(y_t) - \\log\\pi^{ref}(y_t))$, plus the
     reward model's ``scores`` (batch,) at each response's last real token (as in InstructGPT)."""
-    _check_positive(beta, "beta")
+    check_positive_number("beta", beta)
     _check_2d(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"need one score per response: {logprobs.shape[0]} responses, "
@@ -213,7 +206,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
 
     averaged over the masked tokens; ``clip_fraction`` is the share of tokens where the clip was active.
     """
-    _check_positive(clip, "clip")
+    check_positive_number("clip", clip)
     _check_2d(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
@@ -227,7 +220,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
                        mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
     """$\\tfrac12\\,\\mathbb{E}_t \\max\\big((V - \\hat R)^2,\\ (V_{old} + \\mathrm{clip}(V - V_{old},
     -\\epsilon, \\epsilon) - \\hat R)^2\\big)$ over the masked tokens."""
-    _check_positive(clip, "clip")
+    check_positive_number("clip", clip)
     _check_2d(values=values, old_values=old_values, returns=returns, mask=mask)
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)

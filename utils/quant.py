@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.checks import check_positive_int
+
 SCHEMES = ("absmax", "zeropoint")
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -18,8 +20,7 @@ def _check_bits(bits: int) -> None:
 
 
 def _check_block(name: str, size: int, numel: int) -> None:
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"{name} must be a positive int, got {size!r}")
+    check_positive_int(name, size)
     if numel % size:
         raise ValueError(f"{name} ({size}) must divide the number of values ({numel}); "
                          f"pick a size that divides it (e.g. a power of two that divides the row width)")

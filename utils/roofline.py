@@ -18,18 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from utils.checks import check_positive_int, check_positive_number
 from utils.llama import LlamaConfig, forward_flops_per_token, kv_cache_bytes_per_token, parameter_breakdown
 from utils.measure import benchmark
-
-
-def _check_int(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, warmup: int = 1) -> float:
@@ -38,7 +29,7 @@ def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, warmup: int =
     Summing reads every byte once and writes nothing, like a decoding step reading the weights. Choose
     ``n_bytes`` well above the CPU caches (hundreds of MiB) or you measure the cache instead.
     """
-    _check_int("n_bytes", n_bytes, minimum=4)
+    check_positive_int("n_bytes", n_bytes, minimum=4)
     data = torch.ones(n_bytes // 4, dtype=torch.float32)
     timing = benchmark(data.sum, repeats=repeats, warmup=warmup)
     return data.numel() * 4 / timing.median_s
@@ -47,7 +38,7 @@ def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, warmup: int =
 def matmul_flops(n: int = 1024, repeats: int = 5, warmup: int = 1,
                  dtype: torch.dtype = torch.float32) -> float:
     """Throughput of an (n, n) @ (n, n) matrix product in FLOP/s ($2n^3$ FLOPs each), median of repeats."""
-    _check_int("n", n)
+    check_positive_int("n", n)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(dtype)
     b = torch.randn(n, n, generator=generator).to(dtype)
@@ -61,7 +52,7 @@ def weight_bytes_per_forward(cfg: LlamaConfig, bytes_per_param: float = 4) -> fl
     The embedding lookup reads only the rows of the tokens it embeds (negligible); with tied embeddings
     the same matrix is read in full as the output head.
     """
-    _check_positive("bytes_per_param", bytes_per_param)
+    check_positive_number("bytes_per_param", bytes_per_param)
     parts = parameter_breakdown(cfg)
     params = parts["attention"] + parts["MLP"] + parts["norms"] + cfg.vocab_size * cfg.d_model
     return params * bytes_per_param
@@ -73,8 +64,8 @@ def forward_flops(cfg: LlamaConfig, n_tokens: int, past: int = 0) -> int:
     Token $i$ (1-based) attends to $past + i$ tokens, so this is
     $\\sum_{i=1}^{n}$ ``forward_flops_per_token(cfg, past + i)``, in closed form.
     """
-    _check_int("n_tokens", n_tokens)
-    _check_int("past", past, minimum=0)
+    check_positive_int("n_tokens", n_tokens)
+    check_positive_int("past", past, minimum=0)
     per_context = forward_flops_per_token(cfg, 1) - forward_flops_per_token(cfg, 0)
     contexts = n_tokens * past + n_tokens * (n_tokens + 1) // 2  # sum of past + i over i = 1..n
     return n_tokens * forward_flops_per_token(cfg, 0) + per_context * contexts
@@ -85,8 +76,8 @@ def forward_bytes(cfg: LlamaConfig, n_tokens: int, past: int = 0, bytes_per_para
     """Bytes one forward pass moves: the weights once, plus the keys/values of all ``past + n_tokens``
     positions (the cache dtype defaults to the weights' one). Activations are ignored (they are small
     and stay in the CPU caches)."""
-    _check_int("n_tokens", n_tokens)
-    _check_int("past", past, minimum=0)
+    check_positive_int("n_tokens", n_tokens)
+    check_positive_int("past", past, minimum=0)
     kv_bytes = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
     kv = (past + n_tokens) * kv_cache_bytes_per_token(cfg, kv_bytes)
     return weight_bytes_per_forward(cfg, bytes_per_param) + kv
@@ -101,15 +92,15 @@ def arithmetic_intensity(cfg: LlamaConfig, n_tokens: int, past: int = 0,
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
     """The roofline: $\\min(\\pi, I\\beta)$ FLOP/s at arithmetic intensity $I$."""
     for name, value in (("intensity", intensity), ("peak_flops", peak_flops), ("bandwidth", bandwidth)):
-        _check_positive(name, value)
+        check_positive_number(name, value)
     return min(peak_flops, intensity * bandwidth)
 
 
 def forward_time_bound_s(cfg: LlamaConfig, n_tokens: int, peak_flops: float, bandwidth: float,
                          past: int = 0, bytes_per_param: float = 4) -> float:
     """The least time a forward pass over ``n_tokens`` can take: $\\max(F/\\pi, B/\\beta)$ seconds."""
-    _check_positive("peak_flops", peak_flops)
-    _check_positive("bandwidth", bandwidth)
+    check_positive_number("peak_flops", peak_flops)
+    check_positive_number("bandwidth", bandwidth)
     flops = forward_flops(cfg, n_tokens, past)
     moved = forward_bytes(cfg, n_tokens, past, bytes_per_param)
     return max(flops / peak_flops, moved / bandwidth)
@@ -121,11 +112,11 @@ def decode_bound_tokens_per_s(cfg: LlamaConfig, bytes_per_param: float, bandwidt
 
     ``context`` is the number of positions already cached when the token is decoded.
     """
-    _check_positive("bandwidth", bandwidth)
+    check_positive_number("bandwidth", bandwidth)
     return bandwidth / forward_bytes(cfg, 1, context, bytes_per_param)
 
 
 def prefill_bound_tokens_per_s(cfg: LlamaConfig, n_tokens: int, peak_flops: float) -> float:
     """Upper bound on prefill speed: a prompt of ``n_tokens`` cannot go faster than peak FLOP/s allows."""
-    _check_positive("peak_flops", peak_flops)
+    check_positive_number("peak_flops", peak_flops)
     return n_tokens * peak_flops / forward_flops(cfg, n_tokens)

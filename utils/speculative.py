@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.checks import check_positive_int
 from utils.kvcache import KVCache
 from utils.llama import Llama
 
@@ -34,11 +35,6 @@ __all__ = [
 ]
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / temperature) in float32 (temperature > 0)."""
     return torch.softmax(logits.float() / temperature, dim=-1)
@@ -49,7 +45,7 @@ def expected_tokens_per_step(alpha: float, k: int) -> float:
     accepted independently with probability ``alpha`` (the accepted prefix plus the target's own token)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    _check_positive_int("k", k)
+    check_positive_int("k", k)
     if alpha == 1:
         return float(k + 1)
     return (1 - alpha ** (k + 1)) / (1 - alpha)
@@ -90,7 +86,7 @@ class PromptLookupDrafter:
     vocab_size = None  # works with any tokenizer
 
     def __init__(self, max_ngram: int = 2) -> None:
-        _check_positive_int("max_ngram", max_ngram)
+        check_positive_int("max_ngram", max_ngram)
         self.max_ngram = max_ngram
 
     def start(self, idx: torch.Tensor, max_len: int) -> None:
@@ -189,8 +185,8 @@ def speculative_generate(target: Llama, drafter: ModelDrafter | PromptLookupDraf
     ``utils.kvcache.generate(target, idx, max_new_tokens)``; sampling returns a sample of the target's
     distribution at ``temperature``. Stops after ``eos_token_id`` as ``generate`` does.
     """
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("draft_len", draft_len)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("draft_len", draft_len)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:

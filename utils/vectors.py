@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.checks import check_positive_int
+
 #: How far from length 1 a row may be and still count as normalised (float32 rounding is ~1e-7).
 UNIT_ATOL = 1e-3
 
@@ -62,12 +64,6 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return arr / norms
 
 
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int (how many neighbours to return), got {k!r}")
-    return int(k)
-
-
 def _check_dims(queries: np.ndarray, corpus: np.ndarray, what: str = "dims") -> None:
     if queries.shape[1] != corpus.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} {what} but the corpus has {corpus.shape[1]}; "
@@ -84,7 +80,7 @@ def top_k(scores: np.ndarray, k: int, largest: bool = True) -> tuple[np.ndarray,
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.size == 0:
         raise ValueError(f"scores must be a non-empty (queries, items) matrix, got shape {scores.shape}")
-    k = min(_check_k(k), scores.shape[1])
+    k = min(check_positive_int("k", k, hint="how many neighbours to return"), scores.shape[1])
     keyed = -scores if largest else scores          # smaller key = better
     if k < scores.shape[1]:
         part = np.argpartition(keyed, k - 1, axis=1)[:, :k]
@@ -305,7 +301,7 @@ def mmr(query: np.ndarray, candidates: np.ndarray, k: int = 5, lambda_: float = 
     _check_dims(q, cand)
     if not 0.0 <= lambda_ <= 1.0:
         raise ValueError(f"lambda_ must be in [0, 1] (1 = relevance only), got {lambda_}")
-    k = min(_check_k(k), cand.shape[0])
+    k = min(check_positive_int("k", k, hint="how many neighbours to return"), cand.shape[0])
     relevance = cand @ q[0]
     pairwise = cand @ cand.T
     chosen: list[int] = []
