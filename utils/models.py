@@ -164,6 +164,20 @@ def converted_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     return target
 
 
+def is_converted(name: str = "smollm2-135m-instruct") -> bool:
+    """Whether ``load_llm(name)`` will read a finished safetensors cache, with no conversion first.
+
+    A chapter that reports how a load went says "from the safetensors cache" only when this was true
+    before the load (``make assets``, ``binder/postBuild`` and ``scripts/colab_setup.sh`` convert once).
+    """
+    asset, name = _asset(name, "causal-lm"), name.lower()
+    try:
+        source = json.loads((cache_dir() / name / "SOURCE.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return source.get("format") == _CACHE_FORMAT and source.get("package") == asset.pip_spec
+
+
 def _corrupt_cache(folder: Path, err: Exception) -> ModelCacheError:
     return ModelCacheError(
         f"The converted model cache at {folder} could not be loaded ({type(err).__name__}: {err}). "
