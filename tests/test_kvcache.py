@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from utils.kvcache import KVCache, generate
-from utils.llama import Llama, LlamaConfig, from_hf, generate_greedy, kv_cache_bytes_per_token
+from utils.llama import Llama, LlamaConfig, from_hf, kv_cache_bytes_per_token
 
 TINY = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, rope_theta=10_000.0)
 
@@ -38,7 +38,10 @@ def test_generate_equals_uncached_greedy_and_transformers():
     model, ids = from_hf(hf), _ids(batch=2, n=5)
     theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(generate(model, ids, 12), theirs)
-    assert torch.equal(generate(model, ids, 12), generate_greedy(model, ids, 12))
+    assert torch.equal(generate(model, ids, 12), generate(model, ids, 12, use_cache=False))
+    sampled = [generate(model, ids, 6, temperature=1.0, use_cache=flag,
+                        generator=torch.Generator().manual_seed(3)) for flag in (True, False)]
+    assert torch.equal(*sampled)
 
 
 def test_generate_stops_at_eos_and_samples_reproducibly():

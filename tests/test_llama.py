@@ -6,15 +6,14 @@ from utils.llama import (
     Llama,
     LlamaConfig,
     RMSNorm,
-    apply_rope,
     forward_flops_per_token,
     from_hf,
-    generate_greedy,
     hf_name_to_ours,
     kv_cache_bytes_per_token,
     parameter_breakdown,
-    rope_cos_sin,
 )
+from utils.kvcache import generate
+from utils.positions import rope_cos_sin, rope_rotate
 from utils.measure import count_parameters
 
 TINY = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, rope_theta=10_000.0)
@@ -50,13 +49,24 @@ def test_greedy_generation_equals_transformers_and_stops_at_eos():
     ours = from_hf(hf)
     ids = torch.tensor([[5, 17, 42, 3]])
     theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(generate_greedy(ours, ids, 8), theirs)
+    assert torch.equal(generate(ours, ids, 8, use_cache=False), theirs)
     first_new = int(theirs[0, 4])
-    stopped = generate_greedy(ours, ids, 8, eos_token_id=first_new)
+    stopped = generate(ours, ids, 8, eos_token_id=first_new, use_cache=False)
     assert stopped.shape == (1, 5)
-    assert torch.equal(generate_greedy(ours, ids, 0), ids)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_greedy(ours, ids, -1)
+        generate(ours, ids, 0, use_cache=False)
+    with pytest.raises(ValueError, match="without a cache"):
+        generate(ours, ids, 2, cache=object(), use_cache=False)
+
+
+def test_forward_rejects_ids_outside_the_vocabulary_and_float_ids():
+    model = Llama(LlamaConfig(**TINY)).eval()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.tensor([[1.0, 2.0]]))
 
 
 def test_rmsnorm_has_unit_rms_and_keeps_dtype():
@@ -73,13 +83,13 @@ def test_rope_scores_depend_only_on_relative_position():
 
     def score(m: int, n: int) -> torch.Tensor:
         cos, sin = rope_cos_sin(torch.tensor([m, n]), 64, 10_000.0)
-        rq, rk = apply_rope(torch.stack([q, k]), cos, sin)
+        rq, rk = rope_rotate(torch.stack([q, k]), cos, sin)
         return rq @ rk
 
     torch.testing.assert_close(score(3, 1), score(103, 101), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(score(7, 7), q @ k, rtol=1e-4, atol=1e-4)  # same position: no change
     cos, sin = rope_cos_sin(torch.arange(5), 64, 10_000.0)
-    rotated = apply_rope(q.expand(5, 64), cos, sin)
+    rotated = rope_rotate(q.expand(5, 64), cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), q.norm().expand(5))  # a rotation keeps lengths
 
 

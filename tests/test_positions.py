@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from utils.positions import alibi_bias, alibi_slopes, apply_rope, rope_frequencies, sinusoidal_encoding
+from utils.positions import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    rope_cos_sin,
+    rope_frequencies,
+    rope_rotate,
+    rotate_half,
+    sinusoidal_encoding,
+)
 
 
 def test_sinusoidal_encoding_matches_the_formula():
@@ -94,6 +103,41 @@ def test_rope_rejects_bad_base_input_and_positions():
         apply_rope(torch.randn(3, 8), torch.arange(3.0))
     with pytest.raises(ValueError, match="non-negative"):
         apply_rope(torch.randn(3, 8), torch.tensor([-1, 0, 1]))
+
+
+def test_rope_rejects_positions_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"one position per sequence element, e.g. torch.arange\(3\)"):
+        apply_rope(torch.randn(2, 3, 8), torch.arange(5))
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_rope(torch.randn(3, 8), torch.arange(4)[:, None].expand(4, 3))  # would broadcast x up
+    cos, sin = rope_cos_sin(torch.arange(5), 8)
+    with pytest.raises(ValueError, match="one row per sequence position"):
+        rope_rotate(torch.randn(2, 3, 8), cos, sin)
+    with pytest.raises(ValueError, match="head_dim=16"):
+        rope_rotate(torch.randn(5, 16), cos, sin)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_tables_and_rotation_equal_apply_rope_and_the_llama_formula(interleaved):
+    g = torch.Generator().manual_seed(1)
+    x, pos = torch.randn(2, 6, 8, generator=g), torch.arange(3, 9)
+    cos, sin = rope_cos_sin(pos, 8, 500.0, interleaved)
+    assert cos.shape == sin.shape == (6, 8)
+    assert torch.equal(rope_rotate(x, cos, sin, interleaved), apply_rope(x, pos, 500.0, interleaved))
+    # per pair: (a, b) -> (a cos - b sin, b cos + a sin)
+    theta = rope_frequencies(8, 500.0)
+    ang = pos[:, None].float() * theta
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :4], x[..., 4:])
+    out = rope_rotate(x, cos, sin, interleaved)
+    out_a, out_b = (out[..., 0::2], out[..., 1::2]) if interleaved else (out[..., :4], out[..., 4:])
+    torch.testing.assert_close(out_a, a * ang.cos() - b * ang.sin())
+    torch.testing.assert_close(out_b, b * ang.cos() + a * ang.sin())
+
+
+def test_rotate_half_layouts():
+    x = torch.arange(4.0)
+    assert rotate_half(x).tolist() == [-2.0, -3.0, 0.0, 1.0]
+    assert rotate_half(x, interleaved=True).tolist() == [-1.0, 0.0, -3.0, 2.0]
 
 
 @pytest.mark.parametrize("args", [(0, 8), (4, 0), (4, 7), (True, 8)])

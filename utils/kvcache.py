@@ -96,30 +96,40 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
 @torch.no_grad()
 def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, cache: KVCache | None = None,
              eos_token_id: int | None = None, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
     """Prompt ids (batch, n) -> prompt + up to ``max_new_tokens`` new ids, decoded with a KV cache.
 
     Greedy when ``temperature`` is 0, else sampled from softmax(logits / temperature). Stops early
     once every sequence has just produced ``eos_token_id``. Pass a ``cache`` that already holds the
     first ``cache.length`` tokens of ``idx`` (a cached shared prefix) to skip their prefill; without
-    one, a cache of exactly the needed size is made.
+    one, a cache of exactly the needed size is made. ``use_cache=False`` decodes without any cache, as
+    Part 1 does: each step runs the model over the whole sequence so far and keeps the last position's
+    logits (the same tokens, at $O(t^2)$ cost).
     """
     check_positive_int("max_new_tokens", max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must have shape (batch, n) with n >= 1, got {tuple(idx.shape)}")
-    if cache is None:
-        cache = KVCache.for_model(model, idx.shape[0], idx.shape[1] + max_new_tokens)
-    if cache.length >= idx.shape[1]:
-        raise ValueError(f"the cache already holds {cache.length} positions but the prompt has only "
-                         f"{idx.shape[1]}: at least the prompt's last token must be new")
-    logits = model(idx[:, cache.length:], cache=cache, last_only=True)[:, -1]  # prefill
+    if not use_cache:
+        if cache is not None:
+            raise ValueError("use_cache=False decodes without a cache: pass cache=None")
+        logits = model(idx)[:, -1]
+    else:
+        if cache is None:
+            cache = KVCache.for_model(model, idx.shape[0], idx.shape[1] + max_new_tokens)
+        if cache.length >= idx.shape[1]:
+            raise ValueError(f"the cache already holds {cache.length} positions but the prompt has only "
+                             f"{idx.shape[1]}: at least the prompt's last token must be new")
+        logits = model(idx[:, cache.length:], cache=cache, last_only=True)[:, -1]  # prefill
     new_tokens = []
     for step in range(max_new_tokens):
         next_id = _next_token(logits, temperature, generator)
         new_tokens.append(next_id)
         if step == max_new_tokens - 1 or (eos_token_id is not None and (next_id == eos_token_id).all()):
             break
-        logits = model(next_id, cache=cache, last_only=True)[:, -1]  # decode: one token in, one out
+        if use_cache:
+            logits = model(next_id, cache=cache, last_only=True)[:, -1]  # decode: one token in, one out
+        else:
+            logits = model(torch.cat([idx, *new_tokens], dim=1))[:, -1]  # re-read the whole sequence
     return torch.cat([idx, *new_tokens], dim=1)

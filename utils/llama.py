@@ -1,9 +1,10 @@
 """A readable Llama (the architecture of SmolLM2), written once for the book (Part 1, "A real Llama
 from scratch") and reused by later chapters.
 
-Pieces, each a few lines: :class:`RMSNorm`, rotary position embeddings (:func:`rope_cos_sin`,
-:func:`apply_rope`), grouped-query :class:`Attention`, the SwiGLU :class:`MLP`, a pre-norm
-:class:`Block`, and the whole :class:`Llama` with a tied output head. :func:`from_hf` copies the
+Pieces, each a few lines: :class:`RMSNorm`, rotary position embeddings (the tables of
+:func:`utils.positions.rope_cos_sin` and the rotation :func:`utils.positions.rope_rotate`),
+grouped-query :class:`Attention`, the SwiGLU :class:`MLP`, a pre-norm :class:`Block`, and the whole
+:class:`Llama` with a tied output head. :func:`from_hf` copies the
 weights of a transformers ``LlamaForCausalLM`` (such as the one ``utils.load_llm()`` returns) into it.
 The formulas for parameters, memory and FLOPs live here too, so any config can be costed.
 """
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from utils.checks import check_positive_int
 from utils.attention import causal_mask, scaled_dot_product_attention
-from utils.positions import rope_frequencies
+from utils.checks import check_positive_int
+from utils.positions import rope_cos_sin, rope_rotate
 
 if TYPE_CHECKING:  # pragma: no cover
     from utils.kvcache import KVCache
@@ -105,30 +106,6 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles $p\\,\\theta^{-2i/d}$, shape (len(positions), head_dim).
-
-    Each frequency appears twice (first half, second half): dimension $i$ is paired with $i + d/2$.
-    The frequencies are the positions chapter's :func:`utils.positions.rope_frequencies`; here cos and
-    sin are computed once per forward pass and shared by every layer.
-    """
-    inv_freq = rope_frequencies(head_dim, theta).to(positions.device)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (n, head_dim / 2)
-    angles = torch.cat([angles, angles], dim=-1)  # (n, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair $(x_i, x_{i+d/2})$ of x (..., n, head_dim) by its position's angle."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
-
-
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary positions."""
 
@@ -146,7 +123,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, n, hd)
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, n, hd)
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
         group = self.n_heads // self.n_kv_heads  # query heads per KV head
         if cache is not None:  # Part 4: keys/values of earlier tokens come from the cache
             k, v = cache.write(layer, k, v)  # (b, KV, past + n, hd)
@@ -220,6 +197,12 @@ class Llama(nn.Module):
         """
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (batch, n) with n >= 1, got {tuple(idx.shape)}")
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}; "
+                             "use the tokenizer's input_ids, or idx.long() if they are whole numbers")
+        if idx.min() < 0 or idx.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size}), got ids from "
+                             f"{idx.min().item()} to {idx.max().item()}; were they made by another tokenizer?")
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if cache is not None:
@@ -270,23 +253,6 @@ def from_hf(hf_model: nn.Module) -> Llama:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # tie again: assign=True replaced both
     return model
-
-
-@torch.no_grad()
-def generate_greedy(model: Llama, idx: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> torch.Tensor:
-    """Append the most likely next token max_new_tokens times (no KV cache: each step re-reads everything).
-
-    Stops early once every sequence has just produced ``eos_token_id``; returns prompt + new tokens.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    for _ in range(max_new_tokens):
-        next_id = model(idx)[:, -1].argmax(dim=-1, keepdim=True)  # (batch, 1)
-        idx = torch.cat([idx, next_id], dim=1)
-        if eos_token_id is not None and (next_id == eos_token_id).all():
-            break
-    return idx
 
 
 def parameter_breakdown(cfg: LlamaConfig) -> dict[str, int]:

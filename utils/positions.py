@@ -51,6 +51,70 @@ def rope_frequencies(head_dim: int, base: float = 10_000.0) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
+def _check_positions(positions: torch.Tensor) -> None:
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a tensor of integer positions, got {type(positions).__name__}")
+    if positions.is_floating_point() or positions.is_complex():
+        raise ValueError(f"positions must be integers (e.g. torch.arange(seq)), got dtype {positions.dtype}")
+    if positions.numel() and positions.min() < 0:
+        raise ValueError("positions must be non-negative")
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,
+    head_dim: int,
+    base: float = 10_000.0,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables RoPE rotates with: cos and sin of $p\\,\\theta_i$, shape ``positions.shape + (head_dim,)``.
+
+    Each angle appears twice, once for each dimension of its pair: at $i$ and $i + d/2$ (the layout of
+    Llama and Hugging Face) or at $2i$ and $2i + 1$ (``interleaved=True``, the RoFormer paper's). Compute
+    them once per forward pass and share them across layers and heads (:class:`utils.llama.Llama` does).
+    """
+    _check_positions(positions)
+    theta = rope_frequencies(head_dim, base).to(positions.device)  # (d/2,)
+    angles = positions.float()[..., None] * theta  # (..., seq, d/2)
+    if interleaved:
+        angles = angles.repeat_interleave(2, dim=-1)  # (..., seq, d): theta_0, theta_0, theta_1, ...
+    else:
+        angles = torch.cat([angles, angles], dim=-1)  # (..., seq, d): theta_0, ..., theta_0, ...
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Each dimension's partner, with the sign the rotation needs: $(x_a, x_b) \\to (-x_b, x_a)$ per pair.
+
+    Pairs are the two halves of the last dimension, $(x_i, x_{i+d/2})$, or neighbours $(x_{2i}, x_{2i+1})$
+    with ``interleaved=True``.
+    """
+    if interleaved:
+        return torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
+    """The RoPE rotation with precomputed tables:
+    $x \\odot \\cos + \\operatorname{rotate\\_half}(x) \\odot \\sin$.
+
+    Per pair that is the 2x2 rotation of :func:`apply_rope`: $x'_a = x_a\\cos - x_b\\sin$,
+    $x'_b = x_b\\cos + x_a\\sin$. ``cos`` and ``sin`` come from :func:`rope_cos_sin` with the same
+    ``interleaved`` and must broadcast against ``x`` (..., seq, head_dim).
+    """
+    if cos.shape != sin.shape or cos.shape[-1:] != x.shape[-1:]:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape ending in "
+                         f"head_dim={x.shape[-1]}; build them with rope_cos_sin(positions, head_dim)")
+    try:
+        torch.broadcast_shapes(cos.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not fit x of shape {tuple(x.shape)}: "
+                         "they need one row per sequence position of x") from None
+    return x * cos.to(x.dtype) + rotate_half(x, interleaved) * sin.to(x.dtype)
+
+
 def apply_rope(
     x: torch.Tensor,
     positions: torch.Tensor,
@@ -66,27 +130,23 @@ def apply_rope(
     ``positions`` holds one integer position per sequence element, shape ``(seq,)`` or any shape that
     broadcasts against ``x.shape[:-1]``. Pairs are ``(i, i + d/2)`` as in Llama/Hugging Face
     (``interleaved=False``) or ``(2i, 2i + 1)`` as in the RoFormer paper (``interleaved=True``); the two
-    layouts differ only by a fixed permutation of the dimensions.
+    layouts differ only by a fixed permutation of the dimensions. The two steps, building the tables
+    (:func:`rope_cos_sin`) and rotating (:func:`rope_rotate`), are separate functions so that a model can
+    build the tables once per forward pass and rotate every layer's queries and keys with them.
     """
     if x.ndim < 2:
         raise ValueError(f"x must have shape (..., seq, head_dim), got {tuple(x.shape)}")
-    if positions.is_floating_point() or positions.is_complex():
-        raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
-    if positions.numel() and positions.min() < 0:
-        raise ValueError("positions must be non-negative")
-    theta = rope_frequencies(x.shape[-1], base).to(x.device)  # (d/2,)
-    angles = positions.to(x.device, torch.float32)[..., None] * theta  # (..., seq, d/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    if interleaved:
-        x_a, x_b = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x_a, x_b = x[..., :half], x[..., half:]
-    out_a = x_a * cos - x_b * sin
-    out_b = x_a * sin + x_b * cos
-    if interleaved:
-        return torch.stack([out_a, out_b], dim=-1).flatten(-2)
-    return torch.cat([out_a, out_b], dim=-1)
+    _check_positions(positions)
+    try:
+        fits = torch.broadcast_shapes(positions.shape, x.shape[:-1]) == x.shape[:-1]
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"positions of shape {tuple(positions.shape)} do not fit x of shape "
+                         f"{tuple(x.shape)}: "
+                         f"give one position per sequence element, e.g. torch.arange({x.shape[-2]})")
+    cos, sin = rope_cos_sin(positions.to(x.device), x.shape[-1], base, interleaved)
+    return rope_rotate(x, cos, sin, interleaved)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
