@@ -32,6 +32,33 @@ def test_weights_are_distributions_and_masked_entries_exactly_zero(qkv):
     assert w.triu(diagonal=1).eq(0).all()
 
 
+def test_a_query_with_every_key_masked_gives_zeros_like_sdpa(qkv):
+    q, k, v = (t.requires_grad_() for t in qkv)
+    mask = torch.ones(7, 7, dtype=torch.bool)
+    mask[2] = False  # query 2 may attend to nothing
+    ours, w = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **TOL)
+    assert ours[..., 2, :].eq(0).all() and w[..., 2, :].eq(0).all()
+    ours.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+
+
+def test_sdpa_rejects_mismatched_head_dims_and_non_boolean_masks(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="same head dimension"):
+        scaled_dot_product_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="one row per key"):
+        scaled_dot_product_attention(q, k, v[..., :5, :])
+    additive = torch.zeros(7, 7).masked_fill(~causal_mask(7), float("-inf"))
+    with pytest.raises(TypeError, match="mask == 0"):
+        scaled_dot_product_attention(q, k, v, additive)
+    with pytest.raises(TypeError, match="boolean"):
+        scaled_dot_product_attention(q, k, v, causal_mask(7).int())
+    # the suggested fixes give the boolean mask's result
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, additive == 0),
+                               scaled_dot_product_attention(q, k, v, causal_mask(7)))
+
+
 def test_causal_mask_for_more_keys_than_queries_aligns_to_the_end():
     # 2 new queries after 3 cached keys: the first sees keys 0..3, the second 0..4
     assert causal_mask(2, 5).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]

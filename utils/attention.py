@@ -41,13 +41,26 @@ def scaled_dot_product_attention(
 ):
     """Attention for tensors shaped (..., seq, d). ``mask`` is boolean (True = may attend) and broadcasts
     to (..., n_queries, n_keys). Same semantics as ``torch.nn.functional.scaled_dot_product_attention``
-    with a boolean ``attn_mask``.
+    with a boolean ``attn_mask``, including a query whose keys are all masked: its weights and its
+    output are zeros (a plain softmax over a row of -inf would give NaN).
     """
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"queries and keys need the same head dimension to be compared, got "
+                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"keys and values need one row per key position, got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean (True where a query may attend), got {mask.dtype}; "
+                        f"for an additive mask of 0 and -inf pass `mask == 0`, for 0/1 integers "
+                        f"`mask.bool()`")
     d_k = q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (..., n_q, n_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
+    if mask is not None:  # a fully masked row is NaN after the softmax; torch returns zeros there
+        weights = weights.masked_fill(~mask, 0.0)
     out = weights @ v
     return (out, weights) if return_weights else out
 
