@@ -4,7 +4,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from utils.tokenization import (BPETokenizer, _merge_word, byte_alphabet, bytes_to_unicode, count_words,
+from utils.tokenization import (BPETokenizer, byte_alphabet, bytes_to_unicode, merge_word, pretoken_counts,
                                 pretokenize, train_bpe)
 
 SPECIAL = ["<|endoftext|>"]
@@ -50,11 +50,11 @@ def test_pretokenize_matches_the_library():
 
 def test_merge_word_reports_neighbour_changes():
     word = [0, 1, 2, 2, 3]  # h e l l o
-    changes = _merge_word(word, 2, 2, 4)
+    changes = merge_word(word, 2, 2, 4)
     assert word == [0, 1, 4, 3]
     assert changes == [((1, 2), -1), ((1, 4), 1), ((2, 3), -1), ((4, 3), 1)]
     run = [7, 7, 7, 7]  # merged left to right, without overlap
-    _merge_word(run, 7, 7, 8)
+    merge_word(run, 7, 7, 8)
     assert run == [8, 8]
 
 
@@ -155,11 +155,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="iterable of strings"):
         train_bpe("just one string", 300)
     with pytest.raises(TypeError, match="every item of texts"):
-        count_words(["ok", 3])
+        pretoken_counts(["ok", 3])
     with pytest.raises(ValueError, match="missing from the vocabulary"):
         BPETokenizer({"a": 0}, [("a", "b")])
 
 
 def test_count_words_counts_pretokens():
-    counts = count_words(["the cat the", "the"])
+    counts = pretoken_counts(["the cat the", "the"])
     assert counts == {"the": 2, "Ġcat": 1, "Ġthe": 1}

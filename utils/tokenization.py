@@ -76,7 +76,7 @@ def pretokenize(text: str) -> list[str]:
     return ["".join(table[b] for b in piece.encode("utf-8")) for piece in _SPLIT.findall(text)]
 
 
-def _merge_word(word: list[int], a: int, b: int, new: int) -> list[tuple[Pair, int]]:
+def merge_word(word: list[int], a: int, b: int, new: int) -> list[tuple[Pair, int]]:
     """Replace every non-overlapping ``(a, b)`` in ``word`` (in place, left to right) by ``new``.
 
     Returns how the counts of the neighbouring pairs change, exactly as ``tokenizers`` reports them
@@ -142,7 +142,7 @@ class BPETokenizer:
             if new < 0:  # no pair of this word was ever merged
                 break
             a, b = next(pair for pair, c in zip(zip(ids, ids[1:]), candidates) if c[0] == rank)
-            _merge_word(ids, a, b, new)
+            merge_word(ids, a, b, new)
         self._word_cache[word] = ids
         return ids
 
@@ -197,7 +197,7 @@ class BPETokenizer:
         return BPETokenizer(vocab, merges, list(self.special_tokens))
 
 
-def count_words(texts: Iterable[str]) -> Counter[str]:
+def pretoken_counts(texts: Iterable[str]) -> Counter[str]:
     """How often each pre-token occurs in ``texts`` (the trainer only ever sees these counts)."""
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of strings (e.g. a list of lines), not one str")
@@ -235,9 +235,9 @@ def train_bpe(
 
     id_to_token = [*special_tokens, *byte_alphabet()]
     vocab = {t: i for i, t in enumerate(id_to_token)}
-    word_counts = count_words(texts)
-    words = [[vocab[c] for c in w] for w in word_counts]
-    counts = list(word_counts.values())
+    counted = pretoken_counts(texts)
+    words = [[vocab[c] for c in w] for w in counted]
+    counts = list(counted.values())
 
     pair_counts: Counter[Pair] = Counter()
     where: dict[Pair, set[int]] = {}
@@ -265,7 +265,7 @@ def train_bpe(
         merges.append(pair)
         where = {}
         for iw in pos:
-            for changed, delta in _merge_word(words[iw], pair[0], pair[1], new):
+            for changed, delta in merge_word(words[iw], pair[0], pair[1], new):
                 pair_counts[changed] += delta * counts[iw]
                 if delta > 0:
                     where.setdefault(changed, set()).add(iw)
