@@ -14,6 +14,15 @@ from torch import nn
 from utils.checks import check_positive_int
 
 
+__all__ = [
+    "causal_mask",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "MultiHeadAttention",
+    "flash_attention",
+]
+
+
 def causal_mask(n_queries: int, n_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask, True where query i may attend to key j (j <= i, aligned to the last key)."""
     n_keys = n_queries if n_keys is None else n_keys

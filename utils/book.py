@@ -12,6 +12,16 @@ from typing import Iterable, Iterator, TypeVar
 from utils.measure import describe_machine, process_peak_rss_bytes
 from utils.paths import REPO_ROOT
 
+
+__all__ = [
+    "show_source",
+    "glue",
+    "progress",
+    "use_book_style",
+    "ChapterClock",
+]
+
+
 T = TypeVar("T")
 
 

@@ -15,6 +15,17 @@ import datasets
 from utils.paths import DATA_DIR, REBUILD_DATA_COMMAND
 
 
+__all__ = [
+    "data_file",
+    "load_kjv_verses",
+    "load_kjv_text",
+    "load_movie_reviews",
+    "load_python_docs",
+    "load_python_faq",
+    "python_faq_split",
+]
+
+
 def data_file(name: str, data_dir: Path | None = None) -> Path:
     """Path of ``data/<name>``; raises ``FileNotFoundError`` if it is missing."""
     path = Path(data_dir or DATA_DIR) / name

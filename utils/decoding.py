@@ -23,6 +23,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
+__all__ = [
+    "NEG_INF",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "process_logits",
+    "greedy_decode",
+    "sample_decode",
+    "Hypothesis",
+    "beam_search",
+    "sequence_logprobs",
+    "BestOfN",
+    "best_of_n",
+]
+
+
 NEG_INF = float("-inf")
 
 from utils.checks import check_positive_int

@@ -19,6 +19,16 @@ from utils.data import load_python_docs
 from utils.models import load_embedder, mean_pool
 from utils.paths import cache_dir
 
+
+__all__ = [
+    "NARRATIVE_AREAS",
+    "SCOPES",
+    "docs_corpus",
+    "embedding_cache_path",
+    "embed_texts",
+]
+
+
 #: Documentation areas (first folder of a page's path) in the ``"narrative"`` corpus: the tutorial,
 #: the language reference, the FAQ, the glossary and the guides -- prose a reader's question is
 #: answered by. The ``library/``, ``c-api/``, ``howto/`` and ``whatsnew/`` areas are left out of it

@@ -19,6 +19,12 @@ from utils.checks import check_positive_int
 from utils.llama import Llama, LlamaConfig
 
 
+__all__ = [
+    "KVCache",
+    "generate",
+]
+
+
 class KVCache:
     """Keys and values of every layer, for one model configuration and one batch size.
 

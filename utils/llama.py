@@ -26,6 +26,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from utils.kvcache import KVCache
 
 
+__all__ = [
+    "LlamaConfig",
+    "RMSNorm",
+    "Attention",
+    "MLP",
+    "Block",
+    "Llama",
+    "HF_TO_OURS",
+    "hf_name_to_ours",
+    "from_hf",
+    "parameter_breakdown",
+    "kv_cache_bytes_per_token",
+    "forward_flops_per_token",
+]
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """The numbers that define a Llama. Defaults are SmolLM2-135M's."""

@@ -22,6 +22,16 @@ import torch
 from utils.checks import check_positive_int
 
 
+__all__ = [
+    "Timing",
+    "benchmark",
+    "peak_memory_bytes",
+    "process_peak_rss_bytes",
+    "count_parameters",
+    "describe_machine",
+]
+
+
 def _synchronize(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

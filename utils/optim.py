@@ -24,6 +24,19 @@ from utils.quant import dequantize_blockwise, quantize_blockwise
 
 # --- validation ----------------------------------------------------------------------------------
 
+
+__all__ = [
+    "GaLoreProjector",
+    "GaLoreAdamW",
+    "dynamic_levels",
+    "quantize_state",
+    "dequantize_state",
+    "Adam8bit",
+    "adam_state_numbers",
+    "optimizer_state_bytes",
+]
+
+
 def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")

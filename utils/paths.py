@@ -4,6 +4,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+
+__all__ = [
+    "REPO_ROOT",
+    "DATA_DIR",
+    "REBUILD_DATA_COMMAND",
+    "cache_dir",
+]
+
+
 #: The repository root (the folder that holds ``utils/`` and ``data/``).
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 

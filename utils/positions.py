@@ -16,6 +16,18 @@ import torch
 from utils.checks import check_positive_int
 
 
+__all__ = [
+    "sinusoidal_encoding",
+    "rope_frequencies",
+    "rope_cos_sin",
+    "rotate_half",
+    "rope_rotate",
+    "apply_rope",
+    "alibi_slopes",
+    "alibi_bias",
+]
+
+
 def _check_base(base: float) -> None:
     if not base > 1:
         raise ValueError(f"base must be > 1, got {base!r}")

@@ -20,6 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+__all__ = [
+    "CharTokenizer",
+    "pack",
+    "split_train_val",
+    "get_batch",
+    "lr_at",
+    "lm_loss",
+    "evaluate",
+    "TrainConfig",
+    "History",
+    "train_lm",
+    "sample",
+]
+
+
 class CharTokenizer:
     """Maps each character of a fixed alphabet to an id (ids follow the sorted alphabet)."""
 

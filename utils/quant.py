@@ -10,6 +10,26 @@ import torch
 
 from utils.checks import check_positive_int
 
+
+__all__ = [
+    "SCHEMES",
+    "GRANULARITIES",
+    "absmax_quantize",
+    "absmax_dequantize",
+    "zeropoint_quantize",
+    "zeropoint_dequantize",
+    "fake_quantize",
+    "nf4_levels",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "double_quantize",
+    "double_dequantize",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "bits_per_parameter",
+]
+
+
 SCHEMES = ("absmax", "zeropoint")
 GRANULARITIES = ("tensor", "channel", "group")
 

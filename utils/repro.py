@@ -7,6 +7,13 @@ import random
 import numpy as np
 import torch
 
+
+__all__ = [
+    "seed_everything",
+    "get_device",
+]
+
+
 _DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 

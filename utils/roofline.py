@@ -23,6 +23,20 @@ from utils.llama import LlamaConfig, forward_flops_per_token, kv_cache_bytes_per
 from utils.measure import benchmark
 
 
+__all__ = [
+    "memory_bandwidth",
+    "matmul_flops",
+    "weight_bytes_per_forward",
+    "forward_flops",
+    "forward_bytes",
+    "arithmetic_intensity",
+    "attainable_flops",
+    "forward_time_bound_s",
+    "decode_bound_tokens_per_s",
+    "prefill_bound_tokens_per_s",
+]
+
+
 def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, warmup: int = 1) -> float:
     """Read bandwidth of this machine's memory in bytes/s: ``n_bytes`` of float32 summed, median of repeats.
 

@@ -31,6 +31,26 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+
+__all__ = [
+    "LEVEL",
+    "N_BOOT",
+    "MIN_TIMING_REPEATS",
+    "ratio_text",
+    "is_speedup",
+    "Estimate",
+    "TimingSummary",
+    "Verdict",
+    "mean_ci",
+    "proportion_ci",
+    "paired_difference",
+    "timing_summary",
+    "single_run",
+    "compare_metric",
+    "compare_times",
+]
+
+
 LEVEL = 0.95
 """Confidence level of every interval unless a call says otherwise."""
 N_BOOT = 2000

@@ -26,6 +26,20 @@ from typing import Iterable, Sequence
 
 import regex
 
+
+__all__ = [
+    "GPT2_SPLIT_PATTERN",
+    "Pair",
+    "bytes_to_unicode",
+    "byte_alphabet",
+    "pretokenize",
+    "merge_word",
+    "BPETokenizer",
+    "pretoken_counts",
+    "train_bpe",
+]
+
+
 # GPT-2's pre-tokenizer pattern, also used by ``tokenizers.pre_tokenizers.ByteLevel(use_regex=True)``:
 # contractions, letters with an optional leading space, digits, other symbols, then whitespace.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

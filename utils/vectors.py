@@ -18,6 +18,31 @@ import numpy as np
 
 from utils.checks import check_positive_int
 
+
+__all__ = [
+    "UNIT_ATOL",
+    "as_matrix",
+    "check_unit_rows",
+    "normalize_rows",
+    "top_k",
+    "exact_search",
+    "neighbour_recall",
+    "assert_same_neighbours",
+    "Int8Codebook",
+    "fit_int8",
+    "quantize_int8",
+    "dequantize_int8",
+    "int8_search",
+    "binarize",
+    "hamming_distances",
+    "binary_search",
+    "rescore",
+    "truncate_dims",
+    "mmr",
+    "mean_pairwise_similarity",
+]
+
+
 #: How far from length 1 a row may be and still count as normalised (float32 rounding is ~1e-7).
 UNIT_ATOL = 1e-3
 
