@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export LLMS_EXECUTED_BUILD := 1
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup assets book test unit nbval site-from-executed clean
+.PHONY: setup assets book test unit nbval site-from-executed gpu-check clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-assets.txt
@@ -43,6 +43,12 @@ test: unit nbval
 # CI: build the site from the notebooks nbval just executed, without executing them again.
 site-from-executed: setup
 	$(BIN)/python scripts/build_site_from_executed.py _build/executed
+
+# On a machine with a CUDA GPU: execute every chapter alone under nbval and record pass/fail, run
+# time and peak GPU memory in measurements/gpu-check.{json,md} and intro.md's GPU column.
+# (On a GPU machine, pip's default torch==2.13.0 wheel is the CUDA build.)
+gpu-check: assets
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf _build
