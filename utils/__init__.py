@@ -1,39 +1,86 @@
 """``utils``: the one package every chapter of *LLMs, Executed* imports.
 
-Modules (each short enough to read in one sitting):
+The package stays flat, one file per concept (``utils/<concept>.py``), and this map groups the files by
+concern. Chapters import ``from utils.<concept> import ...`` in every part; moving files into
+subpackages would break those imports (and every reader's own notebooks) for a tidier tree, while the
+map below gives a newcomer the same grouping. Each module is short enough to read in one sitting.
 
-- :mod:`utils.repro`     seeds and device selection
-- :mod:`utils.measure`   median timings, peak memory, parameter counts, the machine's name
-- :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
-- :mod:`utils.data`      readers for the datasets in ``data/``
-- :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
-- :mod:`utils.attention` attention as taught in Part 1 (and FlashAttention's tiled form), reused later
+The model and its parts (Part 1)
+
 - :mod:`utils.tokenization` byte-level BPE, trained and applied (equal to the ``tokenizers`` library)
-- :mod:`utils.positions` sinusoidal, rotary and ALiBi position information
+- :mod:`utils.attention` attention as taught in Part 1 (and FlashAttention's tiled form), reused later
+- :mod:`utils.positions` sinusoidal, rotary (both pair layouts) and ALiBi position information
 - :mod:`utils.llama`     SmolLM2's architecture from scratch; parameter, memory and FLOP formulas
-- :mod:`utils.pretrain`  data pipeline, schedule and training loop for small models trained from scratch
-- :mod:`utils.decoding`  greedy, sampling, top-k/top-p, beam search and best-of-N on the KV cache
 - :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
-- :mod:`utils.quant`     absmax / zero-point integers, NF4 with block-wise scales, double quantization
+- :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
+
+Training and fine-tuning (Parts 1-2)
+
+- :mod:`utils.pretrain`  data pipeline, schedule and training loop for small models trained from scratch
+- :mod:`utils.optim`     GaLore and an 8-bit Adam from scratch (equal to galore_torch)
 - :mod:`utils.lora`      LoRA and DoRA layers from scratch (equal to peft), merging, adapters on disk
 - :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
 - :mod:`utils.finetune`  cheap fine-tuning on a CPU: cached frozen trunk, trainable top layers, label scores
 - :mod:`utils.surgery`   layer pruning by angular distance, distillation loss, proxy-tuning logits
-- :mod:`utils.optim`     GaLore and an 8-bit Adam from scratch (equal to galore_torch)
 - :mod:`utils.compare`   one task, one budget: eight fine-tuning methods on the top of a cached model
+
+Alignment (Part 3)
+
 - :mod:`utils.preference` preference pairs from human ratings; Bradley-Terry, DPO, IPO, KTO, ORPO, SimPO
 - :mod:`utils.ppo`       RLHF with PPO from scratch: rollouts, KL-penalised rewards, GAE, clipped objective
 - :mod:`utils.dpo`       preference optimisation on a CPU: cached response log-probs, held-out metrics
 - :mod:`utils.judge`     a language model as a pairwise judge; AI-feedback labels
-- :mod:`utils.kvcache`   a preallocated KV cache for our Llama and cached generation
+
+Inference (Parts 1 and 4)
+
+- :mod:`utils.decoding`  greedy, sampling, top-k/top-p, beam search and best-of-N on the KV cache
+- :mod:`utils.kvcache`   a preallocated KV cache for our Llama and its one generation loop (cached or not)
+- :mod:`utils.quant`     absmax / zero-point integers, NF4 with block-wise scales, double quantization
 - :mod:`utils.roofline`  bandwidth and matmul microbenchmarks, the roofline and decode/prefill bounds
 - :mod:`utils.speculative` draft-and-verify decoding (model and prompt-lookup drafters)
+
+Retrieval (Part 5)
+
 - :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
 - :mod:`utils.retrieval` the retrieval toolkit: chunking, BM25, dense and hybrid indexes, reranking, evaluation
 - :mod:`utils.rag`       grounded answers with numbered sources and citations, answer metrics, compression
 - :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences, a chunk grader
 - :mod:`utils.kg`        a knowledge graph of rule-extracted triples from the docs, and multi-hop walks
+
+Prompting and agents (Parts 6-8: none yet)
+
+Distributed (Parts 6-8: none yet)
+
+Book infrastructure (every part)
+
+- :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
+- :mod:`utils.measure`   median timings, peak memory, parameter counts, the machine's name
+- :mod:`utils.stats`     intervals and the verdict words for every comparison
+- :mod:`utils.repro`     seeds and device selection
+- :mod:`utils.paths`     the repository's folders and the cache directory
+- :mod:`utils.data`      readers for the datasets in ``data/``
+- :mod:`utils.checks`    argument checks shared by every module (positive ints, positive numbers)
+
+Rules for a new module (Parts 6-8 will add about a dozen):
+
+1. One concept, one file: ``utils/<concept>.py``, a short lowercase noun (``kvcache``, ``retrieval``),
+   never a subpackage. Add one line for it under its group above (a new group if none fits), in the
+   order the book teaches.
+2. Its docstring says what it holds and which chapter teaches it; every public function has type hints
+   and a docstring; errors name the problem and the fix (use :mod:`utils.checks` for argument checks).
+3. It declares ``__all__``, the names chapters and other modules may use; every other name starts with
+   ``_``. ``tests/test_structure.py`` fails if a chapter or module imports a ``_`` name from ``utils``
+   or a name missing from ``__all__``.
+4. It has its own tests, ``tests/test_<concept>.py``.
+5. One idea lives once: search this map before writing a helper, and extend the module that owns the
+   idea (verdict words come from :mod:`utils.stats`, glued numbers from :mod:`utils.book`). Imports go
+   from a concern to the ones it builds on (infrastructure, then the model, then the rest), never in a
+   cycle.
+
+The warning filters below hold only if ``utils`` is imported before the libraries that warn at import
+time, so every chapter's setup cell imports it first (checked by ``tests/test_warnings_order.py``);
+a chapter's own import cell may then list its imports in any order.
 """
 import logging
 import warnings
