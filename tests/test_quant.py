@@ -137,3 +137,15 @@ def test_bits_per_parameter():
     assert bits_per_parameter(4, 64, 256) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
     with pytest.raises(ValueError, match="positive"):
         bits_per_parameter(4, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quantizers_reject_nan_and_inf_with_a_clear_error(bad):
+    x = torch.randn(4, 64)
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite value\(s\) out of 256.*nan_to_num"):
+        absmax_quantize(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        zeropoint_quantize(x, dim=1)
+    with pytest.raises(ValueError, match="w holds 1 NaN"):
+        quantize_blockwise(x, nf4_levels())

@@ -39,6 +39,14 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an int from 2 to 8, got {bits!r}")
 
 
+def _check_finite(x: torch.Tensor, name: str = "x") -> None:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} holds {bad} NaN or infinite value(s) out of {x.numel()}: a scale computed "
+                         "from them would be meaningless. Find where they come from (e.g. a diverged "
+                         "training step), or replace them first (torch.nan_to_num)")
+
+
 def _check_block(name: str, size: int, numel: int) -> None:
     check_positive_int(name, size)
     if numel % size:
@@ -53,6 +61,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8, dim: int | None = None) -> t
     (reduced over ``d``). Returns integer codes (int8) and the float scale(s), broadcastable to ``x``.
     """
     _check_bits(bits)
+    _check_finite(x)
     qmax = 2 ** (bits - 1) - 1
     peak = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
     scale = (peak / qmax).clamp_min(torch.finfo(torch.float32).tiny).float()
@@ -74,6 +83,7 @@ def zeropoint_quantize(x: torch.Tensor, bits: int = 8, dim: int | None = None
     Returns codes (uint8), scale(s) and zero point(s).
     """
     _check_bits(bits)
+    _check_finite(x)
     qmax = 2 ** bits - 1
     low = x.amin() if dim is None else x.amin(dim=dim, keepdim=True)
     high = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
@@ -145,6 +155,7 @@ def quantize_blockwise(w: torch.Tensor, levels: torch.Tensor, block_size: int = 
     """
     _check_levels(levels)
     _check_block("block_size", block_size, w.numel())
+    _check_finite(w, "w")
     blocks = w.float().reshape(-1, block_size)
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     normalised = (blocks / absmax[:, None]).reshape(-1)
