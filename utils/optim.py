@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -56,6 +56,24 @@ def _check_rank(rank: int, shape: tuple[int, ...]) -> None:
     if rank > min(shape):
         raise ValueError(f"rank {rank} is larger than the smaller side of a {shape[0]}x{shape[1]} matrix "
                          f"(at most {min(shape)}): the projection would not be low-rank")
+
+
+# --- the loop every optimizer's step shares ----------------------------------------------------
+
+def _closure_loss(closure) -> torch.Tensor | None:
+    """The loss ``closure`` recomputes (with gradients on), as ``torch.optim`` optimizers do; or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _params_with_grad(optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict, torch.Tensor, dict]]:
+    """(parameter group, parameter, its state) for every parameter that has a gradient."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p, optimizer.state[p]
 
 
 # --- GaLore --------------------------------------------------------------------------------------
@@ -128,39 +146,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 -- the class docstring has the formula
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _closure_loss(closure)
+        for group, p, state in _params_with_grad(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    if group["rank"] is not None:
-                        state["projector"] = GaLoreProjector(group["rank"], group["update_interval"],
-                                                             group["scale"])
-                projector = state.get("projector")
-                grad = p.grad if projector is None else projector.project(p.grad, state["step"])
-                if projector is not None:
-                    state["ortho"] = projector.ortho  # kept in the state so that it is counted
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-                update = m / v.sqrt().add_(group["eps"])
-                if projector is not None:
-                    update = projector.project_back(update)
-                p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            if "step" not in state:
+                state["step"] = 0
+                if group["rank"] is not None:
+                    state["projector"] = GaLoreProjector(group["rank"], group["update_interval"],
+                                                         group["scale"])
+            projector = state.get("projector")
+            grad = p.grad if projector is None else projector.project(p.grad, state["step"])
+            if projector is not None:
+                state["ortho"] = projector.ortho  # kept in the state so that it is counted
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+            update = m / v.sqrt().add_(group["eps"])
+            if projector is not None:
+                update = projector.project_back(update)
+            p.add_(update, alpha=-step_size)
+            if group["weight_decay"] > 0:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
 
 
@@ -229,32 +240,25 @@ class Adam8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 -- the class docstring says what changes from AdamW
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _closure_loss(closure)
+        for group, p, state in _params_with_grad(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
-                else:
-                    m = dequantize_state(state["m_codes"], state["m_absmax"], self.signed_levels, p.shape)
-                    v = dequantize_state(state["v_codes"], state["v_absmax"], self.unsigned_levels, p.shape)
-                state["step"] += 1
-                t = state["step"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                grad = p.grad.float()
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.add_((m / denom).to(p.dtype), alpha=-group["lr"] / (1 - beta1 ** t))
-                state["m_codes"], state["m_absmax"] = quantize_state(m, self.signed_levels, group["block_size"])
-                state["v_codes"], state["v_absmax"] = quantize_state(v, self.unsigned_levels, group["block_size"])
+            if not state:
+                state["step"] = 0
+                m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
+            else:
+                m = dequantize_state(state["m_codes"], state["m_absmax"], self.signed_levels, p.shape)
+                v = dequantize_state(state["v_codes"], state["v_absmax"], self.unsigned_levels, p.shape)
+            state["step"] += 1
+            t = state["step"]
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            grad = p.grad.float()
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+            p.add_((m / denom).to(p.dtype), alpha=-group["lr"] / (1 - beta1 ** t))
+            state["m_codes"], state["m_absmax"] = quantize_state(m, self.signed_levels, group["block_size"])
+            state["v_codes"], state["v_absmax"] = quantize_state(v, self.unsigned_levels, group["block_size"])
         return loss
 
 
