@@ -8,10 +8,10 @@ import torch
 from tiny_chatml import chatml_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM
 
-from utils.compare import (IA3Linear, METHODS, TaskCache, TopModel, build_task_cache, build_top, evaluate,
+from utils.compare import (METHODS, TaskCache, TopModel, build_task_cache, build_top, evaluate,
                            nf4_round_trip_, run_method, trainable_count)
 from utils.finetune import label_logits, label_token_ids, pad_cached, top_forward, trunk_cache
-from utils.lora import lora_parameter_count
+from utils.lora import IA3Linear, lora_parameter_count
 from utils.quant import nf4_levels
 from utils.sft import build_example
 

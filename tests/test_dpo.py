@@ -6,7 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from utils.dpo import cached_response_logprobs, preference_metrics, trl_dpo_loss, trl_kto_loss
 from utils.finetune import pad_cached, trunk_cache
-from utils.preference import IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, sequence_logprobs
+from utils.chat import IGNORE_INDEX
+from utils.preference import dpo_loss, ipo_loss, kto_loss, response_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_cached_logprobs_equal_full_model(tiny, n_top):
     with torch.no_grad():
         ours, lengths = cached_response_logprobs(tiny, H, Y, n_top)
     for i, e in enumerate(ex):
-        full, n = sequence_logprobs(tiny, torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]]))
+        full, n = response_logprobs(tiny, torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]]))
         torch.testing.assert_close(ours[i], full[0], rtol=1e-5, atol=1e-5)
         assert lengths[i] == n[0]
 

@@ -6,7 +6,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.finetune import (answer_positions, label_logits, label_token_ids, pad_cached, response_loss,
                             score_labels, top_forward, trunk_cache)
-from utils.sft import IGNORE_INDEX, build_example, collate, masked_lm_loss
+from utils.chat import IGNORE_INDEX
+from utils.sft import build_example, collate, masked_lm_loss
 
 CORPUS = ["The movie was great, a positive review.", "The film was dull and bad: negative.",
           "user assistant system Is this review positive or negative?"] * 5

@@ -7,7 +7,7 @@ from utils.finetune import trunk_cache
 from utils.judge import (ANSWER_CUE, JUDGE_STYLES, cached_sequence_logprobs, debiased_prob,
                          generate_reasons, judge_ids, judge_messages, judge_probs, relabel_pairs,
                          swap_stats, verdict_token_ids)
-from utils.preference import sequence_logprobs
+from utils.preference import response_logprobs
 from utils.sft import build_example, collate
 
 CORPUS = ["Which review is more positive? Review 1: great fun. Review 2: dull and bad.",
@@ -133,7 +133,7 @@ def test_cached_logprobs_equal_sequence_logprobs(model, tokenizer, n_top):
     ours = cached_sequence_logprobs(model, items, n_top)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        ref, _ = sequence_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        ref, _ = response_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no items"):
         cached_sequence_logprobs(model, [], n_top)

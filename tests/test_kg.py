@@ -3,6 +3,7 @@ import networkx as nx
 import pytest
 
 from utils import kg
+from utils.rag import split_sentences
 
 TREE = """The class hierarchy for built-in exceptions is:
 
@@ -59,7 +60,7 @@ def facts(triples, relation):
 
 
 def test_sentences_split_on_stops_and_newlines():
-    assert kg.sentences("One. Two!\nThree?  Four") == ["One.", "Two!", "Three?", "Four"]
+    assert split_sentences("One. Two!\nThree?  Four", by_line=True) == ["One.", "Two!", "Three?", "Four"]
 
 
 def test_parse_exception_tree():

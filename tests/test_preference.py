@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from utils.preference import (IGNORE_INDEX, PROMPTS, bradley_terry_loss, build_pairs, dpo_loss, ipo_loss,
-                              kto_loss, last_token_rewards, last_token_top_layer, orpo_loss,
-                              pairwise_accuracy, preferred, prefix_trunk_cache, sequence_logprobs,
-                              simpo_loss, split_snippets, validate_pairs)
+from utils.chat import IGNORE_INDEX
+from utils.preference import (PROMPTS, bradley_terry_loss, build_pairs, dpo_loss, ipo_loss, kto_loss,
+                              last_token_rewards, orpo_loss, pairwise_accuracy, preferred, prefix_trunk_cache,
+                              response_logprobs, simpo_loss, split_snippets, validate_pairs)
 
 ROWS = [{"id": str(i), "score": s, "text": f"snippet {i}"}
         for i, s in enumerate([-3.0, -2.5, -1.0, -0.2, 0.0, 0.5, 1.2, 2.0, 2.8, 3.5])]
@@ -278,12 +278,12 @@ def tiny() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_sequence_logprobs_matches_cross_entropy(tiny):
+def test_response_logprobs_matches_cross_entropy(tiny):
     ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :3] = IGNORE_INDEX
     labels[1, 5:] = IGNORE_INDEX
-    total, lengths = sequence_logprobs(tiny, ids, labels)
+    total, lengths = response_logprobs(tiny, ids, labels)
     assert lengths.tolist() == [4, 2]
     with torch.no_grad():
         for i in range(2):
@@ -291,12 +291,12 @@ def test_sequence_logprobs_matches_cross_entropy(tiny):
             torch.testing.assert_close(-total[i] / lengths[i], mean_nll, rtol=1e-5, atol=1e-5)
 
 
-def test_sequence_logprobs_errors(tiny):
+def test_response_logprobs_errors(tiny):
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="one shape"):
-        sequence_logprobs(tiny, ids, ids[:, :4])
+        response_logprobs(tiny, ids, ids[:, :4])
     with pytest.raises(ValueError, match="at least one response token"):
-        sequence_logprobs(tiny, ids, torch.full_like(ids, IGNORE_INDEX))
+        response_logprobs(tiny, ids, torch.full_like(ids, IGNORE_INDEX))
 
 
 def test_last_token_rewards_match_sequence_classification(tiny):
@@ -341,22 +341,3 @@ def test_prefix_trunk_cache_errors(tiny):
         prefix_trunk_cache(tiny, [1], [[2], []], n_top=1)
     with pytest.raises(ValueError, match="batch_size"):
         prefix_trunk_cache(tiny, [1], [[2]], n_top=1, batch_size=0)
-
-
-def test_last_token_top_layer_equals_top_forward(tiny):
-    from utils.finetune import top_forward
-    hidden = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([6, 2, 4])
-    for i, L in enumerate(lengths):
-        hidden[i, L:] = 0.0  # right padding, as utils.finetune.pad_cached makes it
-    with torch.no_grad():
-        ours = last_token_top_layer(tiny, hidden, lengths)
-        full = top_forward(tiny, hidden, 1)
-    torch.testing.assert_close(ours, full[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
-
-
-def test_last_token_top_layer_errors(tiny):
-    with pytest.raises(ValueError, match="batch, seq, d"):
-        last_token_top_layer(tiny, torch.zeros(2, 32), torch.tensor([1, 1]))
-    with pytest.raises(ValueError, match="one length"):
-        last_token_top_layer(tiny, torch.zeros(2, 3, 32), torch.tensor([1, 4]))

@@ -8,6 +8,7 @@ import torch
 from tiny_chatml import chatml_tokenizer, tiny_llama
 
 from utils import rag
+from utils.metrics import normalize_tokens
 
 CORPUS = ["Python uses indentation to group statements. Sources: [1] [2] [3] Question: Answer",
           "Strings are immutable. Lists are mutable. Tuples are immutable sequences.",
@@ -45,10 +46,10 @@ class FakeIndex:
 
 def bow_embed(texts):
     """Unit bag-of-words vectors over a fixed vocabulary: similarity = shared words."""
-    vocab = sorted({w for t in texts for w in rag.normalize_tokens(t, drop_stopwords=True)})
+    vocab = sorted({w for t in texts for w in normalize_tokens(t, drop_stopwords=True)})
     rows = np.zeros((len(texts), max(len(vocab), 1)), dtype=np.float32)
     for i, t in enumerate(texts):
-        for w in rag.normalize_tokens(t, drop_stopwords=True):
+        for w in normalize_tokens(t, drop_stopwords=True):
             rows[i, vocab.index(w)] += 1
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1, norms)
@@ -104,75 +105,6 @@ def test_prompt_errors(call, error, match):
         call()
 
 
-def test_render_prompt_and_token_count(tokenizer):
-    msgs = rag.closed_book_prompt("Why?")
-    text = rag.render_prompt(tokenizer, msgs)
-    assert text == ("<|im_start|>user\nQuestion: Why?\n" + rag.CLOSED_BOOK_INSTRUCTIONS
-                    + "<|im_end|>\n<|im_start|>assistant\n")
-    assert rag.render_prompt(tokenizer, msgs, "Source [") == text + "Source ["
-    n = rag.prompt_tokens(tokenizer, msgs)
-    assert n == len(tokenizer(text, add_special_tokens=False).input_ids)
-    assert rag.prompt_tokens(tokenizer, msgs, "Source [") > n
-
-
-def test_render_prompt_errors(tokenizer):
-    with pytest.raises(ValueError, match="role"):
-        rag.render_prompt(tokenizer, [])
-    with pytest.raises(ValueError, match="role"):
-        rag.render_prompt(tokenizer, [{"content": "x"}])
-    with pytest.raises(TypeError, match="assistant_prefix"):
-        rag.render_prompt(tokenizer, rag.closed_book_prompt("q"), None)
-
-    class NoTemplate:
-        chat_template = None
-
-    with pytest.raises(ValueError, match="no chat template"):
-        rag.render_prompt(NoTemplate(), rag.closed_book_prompt("q"))
-
-
-# ------------------------------------------------------------------------------------- generation
-
-def _one_by_one(model, tokenizer, messages, n, prefix=""):
-    ids = tokenizer(rag.render_prompt(tokenizer, messages, prefix), return_tensors="pt",
-                    add_special_tokens=False).input_ids
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return (prefix + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)).strip()
-
-
-def test_batched_left_padded_greedy_equals_one_by_one(model, tokenizer):
-    chats = [rag.closed_book_prompt("Why?"), rag.sources_prompt("Why are strings immutable?", CHUNKS),
-             rag.closed_book_prompt("Are lists mutable or immutable sequences?")]
-    got = rag.generate_answers(model, tokenizer, chats, max_new_tokens=6, batch_size=2)
-    assert got == [_one_by_one(model, tokenizer, c, 6) for c in chats]
-    assert tokenizer.padding_side == "right"  # restored
-    pre = rag.generate_answers(model, tokenizer, chats[:2], max_new_tokens=4, assistant_prefix="Source [")
-    assert all(a.startswith("Source [") for a in pre)
-    assert pre == [_one_by_one(model, tokenizer, c, 4, "Source [") for c in chats[:2]]
-    assert rag.generate_answers(model, tokenizer, [], max_new_tokens=4) == []
-
-
-def test_generation_without_a_pad_token_uses_eos(model):
-    tok = chatml_tokenizer(CORPUS)
-    tok.pad_token = None
-    assert tok.pad_token is None
-    (answer,) = rag.generate_answers(model, tok, [rag.closed_book_prompt("Why?")], max_new_tokens=3)
-    assert isinstance(answer, str)
-    assert tok.pad_token is None and tok.padding_side == "right"
-
-
-def test_generation_errors(model, tokenizer):
-    chat = rag.closed_book_prompt("Why?")
-    with pytest.raises(TypeError, match="wrap a single chat"):
-        rag.generate_answers(model, tokenizer, chat)
-    with pytest.raises(ValueError, match=">= 1"):
-        rag.generate_answers(model, tokenizer, [chat], max_new_tokens=0)
-    tok = chatml_tokenizer(CORPUS)
-    tok.eos_token = None
-    with pytest.raises(ValueError, match="eos_token"):
-        rag.generate_answers(model, tok, [chat])
-
-
 # -------------------------------------------------------------------------------------- citations
 
 def test_cited_numbers():
@@ -198,44 +130,6 @@ def test_check_citations_definition():
     assert not rag.citation_correct("[0]", CHUNKS, "a")
     with pytest.raises(TypeError, match="doc_id"):
         rag.check_citations("[1]", ["plain string"], "a")
-
-
-# ---------------------------------------------------------------------------------------- metrics
-
-def test_normalize_and_token_f1():
-    assert rag.normalize_tokens("The cat [1], a HAT!") == ["cat", "hat"]
-    assert rag.normalize_tokens("The cat is on a hat", drop_stopwords=True) == ["cat", "hat"]
-    assert rag.token_f1("the cat sat", "A cat sat!") == 1.0
-    assert rag.token_f1("cat sat down", "cat sat") == pytest.approx(0.8)  # P 2/3, R 1
-    assert rag.token_f1("dog", "cat") == 0.0
-    assert rag.token_f1("", "") == 1.0 and rag.token_f1("the", "cat") == 0.0
-    with pytest.raises(TypeError, match="string"):
-        rag.normalize_tokens(3)
-
-
-def test_containment_ignores_stopwords_and_question_words():
-    gold = "Strings are immutable because hashing needs fixed values."
-    assert rag.containment("Strings are immutable [1].", gold) == 1.0
-    assert rag.containment("Strings are mutable.", gold) == 0.5
-    q = "Why are strings immutable?"
-    assert rag.containment("Strings are immutable.", gold, q) == 0.0  # only repeats the question
-    assert rag.containment("Strings are immutable for hashing and speed.", gold, q) == 0.5
-    assert rag.containment("", gold) == 0.0
-    assert rag.contains_answer("immutable hashing", gold)
-    assert not rag.contains_answer("mutable lists", gold, threshold=0.5)
-    with pytest.raises(ValueError, match="threshold"):
-        rag.contains_answer("x", gold, threshold=1.5)
-
-
-def test_key_terms_and_their_recall():
-    gold = "Strings are immutable. Immutable strings hash fast; hash values never change. Speed."
-    assert rag.key_terms(gold, n=3) == ["strings", "immutable", "hash"]
-    assert rag.key_terms(gold, "Why are strings immutable?", n=3) == ["hash", "fast", "values"]
-    got = rag.key_term_recall("They hash fast [1].", gold, "Why are strings immutable?", n=3)
-    assert got == pytest.approx(2 / 3)
-    assert rag.key_term_recall("anything", "the a an", n=3) == 0.0
-    with pytest.raises(ValueError, match="n must be"):
-        rag.key_terms(gold, n=0)
 
 
 # ------------------------------------------------------------------------------------ compression

@@ -8,7 +8,7 @@ import pytest
 from utils import retrieval as R
 from utils.retrieval import (BM25Index, Chunk, DenseIndex, Hit, HybridIndex, RerankedIndex, chunk_fixed,
                              chunk_recursive, deduplicate_chunks, embedding_text, evaluate_retrieval,
-                             load_folder, recall_at_k, reciprocal_rank, rerank, rrf_fuse,
+                             load_folder, rerank, rrf_fuse,
                              sections_as_chunks, tokenize)
 
 DOCS = [
@@ -366,18 +366,6 @@ def test_reranked_index_reranks_the_first_stage_candidates_only():
         RerankedIndex(BM25Index(chunks), scorer=None)
     with pytest.raises(ValueError, match="candidates"):
         RerankedIndex(BM25Index(chunks), by_length, candidates=0)
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-def test_recall_and_reciprocal_rank():
-    hits = [Hit(Chunk(f"{d}#{i}", d, "t"), 1.0, i + 1) for i, d in enumerate(["a", "b", "b", "c"])]
-    assert recall_at_k(hits, "b", 1) == 0.0 and recall_at_k(hits, "b", 2) == 1.0
-    assert recall_at_k(hits, "z", 10) == 0.0
-    assert reciprocal_rank(hits, "b") == 0.5 and reciprocal_rank(hits, "c") == 0.25
-    assert reciprocal_rank(hits, "z") == 0.0
-    with pytest.raises(ValueError):
-        recall_at_k(hits, "b", 0)
 
 
 def test_evaluate_retrieval_means_over_questions_with_index_or_function():

@@ -5,9 +5,9 @@ import torch
 from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from utils.sft import (IGNORE_INDEX, NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, build_example, collate, contains,
-                       exact_match, faq_pairs, generate_responses, label_accuracy, masked_lm_loss,
-                       multiset_f1, normalize_answer, sentiment_pairs, token_f1)
+from utils.chat import IGNORE_INDEX
+from utils.sft import (NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, build_example, collate, faq_pairs, masked_lm_loss,
+                       sentiment_pairs)
 
 CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
           "The film was dull and bad: negative.", "user assistant system You are a helpful assistant."] * 5
@@ -167,52 +167,3 @@ def test_sentiment_pairs_split_and_balance():
         sentiment_pairs("dev")
     with pytest.raises(ValueError, match="train split is empty"):
         sentiment_pairs("train", test_fraction=0.99999)
-
-
-def test_squad_metrics_on_hand_checked_cases():
-    assert normalize_answer("The  Cat, sat!") == "cat sat"
-    assert normalize_answer("An apple a day") == "apple day"
-    assert exact_match("the Denver Broncos", "Denver Broncos!") == 1.0
-    assert exact_match("Denver", "Denver Broncos") == 0.0
-    # SQuAD: pred "Denver Broncos won" vs gold "the Denver Broncos": p = 2/3, r = 1, F1 = 0.8
-    assert token_f1("Denver Broncos won", "the Denver Broncos") == pytest.approx(0.8)
-    assert token_f1("Santa Clara, California", "Levi's Stadium") == 0.0
-    assert token_f1("a", "the") == 1.0 and token_f1("", "Denver") == 0.0  # both / one side empty
-    assert token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)  # repeats counted once each side
-    assert multiset_f1(["x", "y"], ["y", "x"]) == 1.0  # order does not matter
-    assert multiset_f1([], []) == 1.0 and multiset_f1([], ["x"]) == 0.0
-    assert contains("I think it is the Denver Broncos.", "Denver Broncos") == 1.0
-    assert contains("nonpositive", "positive") == 0.0  # whole words only
-    with pytest.raises(ValueError, match="empty after normalisation"):
-        contains("x", "the")
-    with pytest.raises(TypeError, match="needs a str"):
-        normalize_answer(None)
-
-
-def test_label_accuracy():
-    assert label_accuracy(["Positive.", "negative, clearly", "", "The positive one"],
-                          ["positive", "positive", "negative", "positive"]) == 0.5
-    with pytest.raises(ValueError, match="2 predictions for 1"):
-        label_accuracy(["a", "b"], ["a"])
-    with pytest.raises(ValueError, match="no examples"):
-        label_accuracy([], [])
-
-
-def test_generate_responses_batched_left_padding(tokenizer, model):
-    prompts = ["What is Python?", "Hi", [{"role": "user", "content": "The film was dull."}]]
-    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    assert len(batched) == 3 and all(isinstance(r, str) and r for r in batched)  # non-empty: a real check
-    alone = [generate_responses(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
-    assert batched == alone
-    assert generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) == batched
-    model.train()
-    generate_responses(model, tokenizer, ["Hi"], max_new_tokens=1)
-    assert model.training  # the caller's mode is restored
-    model.eval()
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_responses(model, tokenizer, ["Hi"], max_new_tokens=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        generate_responses(model, tokenizer, ["Hi"], batch_size=0)
-    no_pad = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, chat_template=CHATML)
-    with pytest.raises(ValueError, match="neither a pad token nor an eos"):
-        generate_responses(model, no_pad, ["Hi"])

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from utils.surgery import (angular_distance, best_block, block_distances, decoder_layers,
+from utils.hf_llama import decoder_layers
+from utils.surgery import (angular_distance, best_block, block_distances,
                            distillation_loss, layer_inputs, layers_removed, proxy_logits,
                            remove_layers, token_nll)
 

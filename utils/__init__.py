@@ -13,13 +13,15 @@ The model and its parts (Part 1)
 - :mod:`utils.llama`     SmolLM2's architecture from scratch; parameter, memory and FLOP formulas
 - :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
 - :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
+- :mod:`utils.chat`      chat messages, prompt ids, left padding, batched greedy replies (one pad rule)
+- :mod:`utils.hf_llama`  the one file that knows transformers' Llama internals: trunk caches, top layers
 
 Training and fine-tuning (Parts 1-2)
 
 - :mod:`utils.pretrain`  data pipeline, schedule and training loop for small models trained from scratch
 - :mod:`utils.optim`     GaLore and an 8-bit Adam from scratch (equal to galore_torch)
-- :mod:`utils.lora`      LoRA and DoRA layers from scratch (equal to peft), merging, adapters on disk
-- :mod:`utils.sft`       chat-template examples with the loss on the response only, task data, metrics
+- :mod:`utils.lora`      LoRA, DoRA and (IA)^3 layers from scratch (equal to peft), merging, adapters on disk
+- :mod:`utils.sft`       chat-template examples with the loss on the response only, task data
 - :mod:`utils.finetune`  cheap fine-tuning on a CPU: cached frozen trunk, trainable top layers, label scores
 - :mod:`utils.surgery`   layer pruning by angular distance, distillation loss, proxy-tuning logits
 - :mod:`utils.compare`   one task, one budget: eight fine-tuning methods on the top of a cached model
@@ -44,8 +46,9 @@ Retrieval (Part 5)
 - :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
 - :mod:`utils.retrieval` the retrieval toolkit: chunking, BM25, dense and hybrid indexes, reranking, evaluation
-- :mod:`utils.rag`       grounded answers with numbered sources and citations, answer metrics, compression
-- :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences, a chunk grader
+- :mod:`utils.rag`       grounded prompts with numbered sources, citations, sentence splitting, compression
+- :mod:`utils.rag_advanced` corrective retrieval: a chunk grader and the context it passes on
+- :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences
 - :mod:`utils.kg`        a knowledge graph of rule-extracted triples from the docs, and multi-hop walks
 
 Prompting and agents (Parts 6-8: none yet)
@@ -57,6 +60,7 @@ Book infrastructure (every part)
 - :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
 - :mod:`utils.measure`   median timings, peak memory, parameter counts, the machine's name
 - :mod:`utils.stats`     intervals and the verdict words for every comparison
+- :mod:`utils.metrics`   answer metrics (exact match, token F1, containment) and retrieval metrics (recall@k, MRR)
 - :mod:`utils.repro`     seeds and device selection
 - :mod:`utils.paths`     the repository's folders and the cache directory
 - :mod:`utils.data`      readers for the datasets in ``data/``

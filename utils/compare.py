@@ -9,7 +9,7 @@ example's own suffix attending to it (a shared key/value cache): the same number
 - :func:`build_task_cache`: the cached trunk output of a set of (prompt, label) pairs.
 - :class:`TopModel`: the trainable top, with optional deep prompt (virtual tokens at layer $L - k$)
   and prefix (trainable keys and values in every top layer).
-- :class:`IA3Linear`: (IA)$^3$'s learned rescaling of a frozen linear layer's output or input.
+- (IA)$^3$'s layer is :class:`utils.lora.IA3Linear`, beside LoRA and DoRA.
 - :func:`build_top`: a :class:`TopModel` prepared for one method of :data:`METHODS`.
 - :func:`run_method`: train it for a fixed number of steps and measure accuracy, memory and speed.
 - :func:`evaluate`: held-out accuracy (and predictions) of a top.
@@ -26,24 +26,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.finetune import _check_n_top, label_token_ids
-from utils.lora import apply_lora
+from utils.chat import prompt_ids
+from utils.checks import check_positive_int
+from utils.finetune import label_token_ids
+from utils.hf_llama import check_n_top, prefix_trunk_hidden, run_layers
+from utils.lora import IA3Linear, apply_lora
 from utils.measure import peak_memory_bytes
 from utils.pretrain import lr_at
 from utils.quant import dequantize_blockwise, nf4_levels, quantize_blockwise
-from utils.sft import _chat_ids, _messages, build_example
+
+__all__ = [
+    "IA3_FEEDFORWARD",
+    "IA3_TARGETS",
+    "LINEAR_TARGETS",
+    "METHODS",
+    "TaskCache",
+    "TopModel",
+    "build_task_cache",
+    "build_top",
+    "evaluate",
+    "nf4_round_trip_",
+    "run_method",
+    "trainable_count",
+]
 
 #: The methods :func:`build_top` knows.
 METHODS = ("zero-shot", "full", "head", "lora", "dora", "qlora", "prompt", "prefix", "ia3")
 #: Every linear layer of a Llama block: the LoRA, DoRA and QLoRA targets.
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: (IA)^3's targets for Llama in ``peft``: keys and values are rescaled, and the input of ``down_proj``.
-IA3_TARGETS, IA3_FEEDFORWARD = ("k_proj", "v_proj", "down_proj"), ("down_proj",)
-
-
-def _check_int(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
+IA3_FEEDFORWARD = ("down_proj",)  # the targets whose input, not output, is rescaled
 
 
 # --- the cached trunk -------------------------------------------------------------------------------
@@ -70,10 +83,6 @@ class TaskCache:
         return sum(len(self.prefix) + len(self.suffixes[i]) for i in index)
 
 
-def _prompt_ids(tokenizer, pairs: Sequence[tuple[str, str]], system: str | None) -> list[list[int]]:
-    return [_chat_ids(tokenizer, _messages(p, system), add_generation_prompt=True) for p, _ in pairs]
-
-
 @torch.no_grad()
 def build_task_cache(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], labels: Sequence[str],
                      n_top: int, system: str | None = "", batch_size: int = 16) -> TaskCache:
@@ -84,45 +93,25 @@ def build_task_cache(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str
     run once with ``use_cache``; each batch of suffixes then attends to that key/value cache.
     Answers must be in ``labels``, whose first tokens must differ (:func:`label_token_ids`).
     """
-    n_layers = _check_n_top(model, n_top)
+    check_n_top(model, n_top)
     if not pairs:
         raise ValueError("build_task_cache got no (prompt, label) pairs")
-    _check_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     label_token_ids(tokenizer, pairs[0][0], labels, system=system)  # checks the labels are scoreable
     unknown = sorted({a for _, a in pairs} - set(labels))
     if unknown:
         raise ValueError(f"answers {unknown} are not among the labels {list(labels)}")
-    ids = _prompt_ids(tokenizer, pairs, system)
+    ids = [prompt_ids(tokenizer, p, system) for p, _ in pairs]
     shared = min(len(x) for x in ids) - 1
     for x in ids[1:]:
         shared = next((i for i in range(shared) if x[i] != ids[0][i]), shared)
     if shared < 1:
         raise ValueError("the prompts share no first token; build_task_cache needs a common prefix "
                          "(such as the chat template's header)")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True,
-                output_hidden_states=True, logits_to_keep=1)
-    prefix = out.hidden_states[n_layers - n_top][0]
-    suffixes = []
-    for start in range(0, len(ids), batch_size):
-        rows = [x[shared:] for x in ids[start:start + batch_size]]
-        longest = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * (shared + len(r)) + [0] * (longest - len(r)) for r in rows],
-                            device=device)
-        cache = copy.deepcopy(out.past_key_values)
-        cache.batch_repeat_interleave(len(rows))
-        positions = torch.arange(shared, shared + longest, device=device)[None].expand(len(rows), -1)
-        hidden = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                       position_ids=positions, output_hidden_states=True,
-                       logits_to_keep=1).hidden_states[n_layers - n_top]
-        suffixes += [h[:len(r)].clone() for h, r in zip(hidden, rows)]
-    model.train(was_training)
-    targets = torch.tensor([list(labels).index(a) for _, a in pairs], device=device)
-    return TaskCache(prefix.clone(), suffixes, targets, list(labels))
+    prefix, suffixes = prefix_trunk_hidden(model, ids[0][:shared], [x[shared:] for x in ids], n_top,
+                                           batch_size)
+    targets = torch.tensor([list(labels).index(a) for _, a in pairs], device=prefix.device)
+    return TaskCache(prefix, suffixes, targets, list(labels))
 
 
 # --- the trainable top ------------------------------------------------------------------------------
@@ -150,14 +139,6 @@ class _SharedKV:
         return key, value
 
 
-def _additive_mask(n_query: int, n_past: int, like: torch.Tensor) -> torch.Tensor:
-    """(1, 1, q, past + q): every past key visible, causal among the new ones."""
-    mask = torch.zeros(1, 1, n_query, n_past + n_query, dtype=like.dtype, device=like.device)
-    future = torch.ones(n_query, n_query, dtype=torch.bool, device=like.device).triu(1)
-    mask[..., n_past:] = mask[..., n_past:].masked_fill(future, torch.finfo(like.dtype).min)
-    return mask
-
-
 class TopModel(nn.Module):
     """A copy of the top ``n_top`` layers, the final norm and a label head: the part that trains.
 
@@ -173,7 +154,7 @@ class TopModel(nn.Module):
 
     def __init__(self, model: nn.Module, n_top: int, label_ids: Sequence[int]) -> None:
         super().__init__()
-        n_layers = _check_n_top(model, n_top)
+        n_layers = check_n_top(model, n_top)
         if len(label_ids) < 2:
             raise ValueError(f"need at least two label token ids, got {list(label_ids)!r}")
         self.layers = copy.deepcopy(model.model.layers[n_layers - n_top:])
@@ -187,14 +168,7 @@ class TopModel(nn.Module):
         self.prefix: nn.ParameterList | None = None
 
     def _run(self, hidden: torch.Tensor, cache: _SharedKV, start: int) -> torch.Tensor:
-        n = hidden.shape[1]
-        positions = torch.arange(start, start + n, device=hidden.device)[None]
-        rope = self.rotary(hidden, positions)
-        mask = _additive_mask(n, cache.past(), hidden)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           position_embeddings=rope)
-        return hidden
+        return run_layers(self.layers, self.rotary, hidden, start, cache, cache.past())
 
     def shared_kv(self, prefix: torch.Tensor) -> tuple[_SharedKV, int]:
         """Run the shared prefix (p, d), after the learned prompt or prefix if any; its cache and length."""
@@ -230,29 +204,6 @@ class TopModel(nn.Module):
         cache = _SharedKV({})
         self._run(hidden[None], cache, 0)
         return [t[0].clone() for i in sorted(cache.kv) for t in cache.kv[i]]
-
-
-class IA3Linear(nn.Module):
-    """(IA)$^3$: a frozen linear layer whose output (or, for ``feedforward``, input) is rescaled.
-
-    ``feedforward=False``: $y = l \\odot (W x + b)$ with $l \\in \\mathbb{R}^{d_{out}}$;
-    ``feedforward=True``: $y = W (l \\odot x) + b$ with $l \\in \\mathbb{R}^{d_{in}}$, as ``peft`` does
-    for ``feedforward_modules``. $l$ starts at ones, so the layer first computes what the base did.
-    """
-
-    def __init__(self, base: nn.Linear, feedforward: bool = False) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"IA3Linear wraps an nn.Linear, got {type(base).__name__}")
-        self.base = base.requires_grad_(False)
-        self.feedforward = feedforward
-        size = base.in_features if feedforward else base.out_features
-        self.scale = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feedforward:
-            return self.base(x * self.scale)
-        return self.base(x) * self.scale
 
 
 # --- one method ---------------------------------------------------------------------------------------
@@ -291,8 +242,8 @@ def build_top(model: nn.Module, n_top: int, label_ids: Sequence[int], method: st
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; the known methods are {', '.join(METHODS)}")
-    _check_int("rank", rank)
-    _check_int("n_virtual", n_virtual)
+    check_positive_int("rank", rank)
+    check_positive_int("n_virtual", n_virtual)
     top = TopModel(model, n_top, label_ids)
     top.requires_grad_(method == "full")
     if method == "head":
@@ -328,7 +279,7 @@ def evaluate(top: TopModel, task: TaskCache, batch_size: int = 32) -> tuple[floa
     """Accuracy of ``top`` on ``task`` and its (n, n_labels) label logits."""
     if len(task) == 0:
         raise ValueError("evaluate got an empty task")
-    _check_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     was_training = top.training
     top.eval()
     logits = torch.cat([top(task.prefix, task.suffixes[i:i + batch_size])
@@ -350,8 +301,8 @@ def run_method(top: TopModel, train: TaskCache, test: TaskCache, steps: int, bat
     """
     if len(train) == 0 or len(test) == 0:
         raise ValueError("run_method needs non-empty train and test tasks")
-    _check_int("steps", steps)
-    _check_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     params = [p for p in top.parameters() if p.requires_grad]

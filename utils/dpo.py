@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from utils.finetune import top_forward
-from utils.preference import IGNORE_INDEX
+from utils.chat import IGNORE_INDEX
+
+__all__ = ["cached_response_logprobs", "preference_metrics", "trl_dpo_loss", "trl_kto_loss"]
 
 
 def cached_response_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
@@ -30,7 +32,7 @@ def cached_response_logprobs(model: nn.Module, hidden: torch.Tensor, labels: tor
 
     ``hidden`` (batch, seq, d) holds the states entering layer $L - k$ and ``labels`` (batch, seq)
     marks response tokens (others $-100$), as :func:`utils.finetune.pad_cached` returns them.
-    Equal to :func:`utils.preference.sequence_logprobs` on the full model.
+    Equal to :func:`utils.preference.response_logprobs` on the full model.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"need hidden (batch, seq, d) and labels (batch, seq), got "

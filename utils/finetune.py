@@ -3,8 +3,8 @@
 A causal LM with $L$ decoder layers is split at layer $L - k$. The bottom $L - k$ layers (and the
 embeddings) are frozen, so their output for an example never changes: :func:`trunk_cache` computes it
 once per example. Training and evaluation then run only the top $k$ layers (:func:`top_forward`) on the
-cached hidden states. Works with ``transformers``' Llama-family models (``model.model.layers``,
-``model.model.norm``, ``model.model.rotary_emb``, ``model.lm_head``), such as SmolLM2.
+cached hidden states. Works with ``transformers``' Llama-family models such as SmolLM2; what it
+needs of their internals is in :mod:`utils.hf_llama`.
 
 - :func:`trunk_cache`, :func:`pad_cached`, :func:`top_forward`: the split forward pass.
 - :func:`response_loss`: the response-only loss, projecting to the vocabulary only where it is needed.
@@ -20,19 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.sft import IGNORE_INDEX, _chat_ids, _messages, build_example, collate
-from utils.surgery import decoder_layers
+from utils.chat import IGNORE_INDEX, left_pad, pad_token_id, prompt_ids
+from utils.checks import check_positive_int
+from utils.hf_llama import check_n_top, decoder_layers, run_layers, trunk_hidden
+from utils.sft import build_example, collate
 
-
-def _n_layers(model: nn.Module) -> int:
-    return len(decoder_layers(model))  # raises a clear TypeError for models without model.model.layers
-
-
-def _check_n_top(model: nn.Module, n_top: int) -> int:
-    n_layers = _n_layers(model)
-    if not isinstance(n_top, int) or isinstance(n_top, bool) or not 1 <= n_top <= n_layers:
-        raise ValueError(f"n_top must be an int in 1..{n_layers} (the model's layer count), got {n_top!r}")
-    return n_layers
+__all__ = [
+    "answer_positions",
+    "label_logits",
+    "label_token_ids",
+    "pad_cached",
+    "response_loss",
+    "score_labels",
+    "top_forward",
+    "trunk_cache",
+]
 
 
 @torch.no_grad()
@@ -43,21 +45,18 @@ def trunk_cache(model: nn.Module, examples: Sequence[dict], n_top: int, pad_toke
     ``examples`` are :func:`utils.sft.build_example` outputs. Each ``hidden`` is (seq, d) for the
     example's own tokens (padding dropped), ``labels`` (seq,) its labels. No gradients are kept.
     """
-    n_layers = _check_n_top(model, n_top)
+    check_n_top(model, n_top)
     if not examples:
         raise ValueError("trunk_cache got no examples")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     cache = []
     for start in range(0, len(examples), batch_size):
         batch = collate(list(examples[start:start + batch_size]), pad_token_id)
-        out = model(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[n_layers - n_top]  # entry i is the input of layer i
+        hidden = trunk_hidden(model, n_top, input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device))
         for row, mask, labels in zip(hidden, batch["attention_mask"], batch["labels"]):
             n = int(mask.sum())
             cache.append((row[:n].clone(), labels[:n].to(device)))
@@ -88,20 +87,12 @@ def top_forward(model: nn.Module, hidden: torch.Tensor, n_top: int) -> torch.Ten
     """Run the last ``n_top`` decoder layers and the final norm on right-padded ``hidden`` (b, n, d).
 
     Positions are $0..n-1$ and the mask is causal, which is exact for every real token of a
-    right-padded batch. Returns the normalised hidden states; ``model.lm_head`` turns them into logits.
+    right-padded batch (:func:`utils.hf_llama.run_layers`). Returns the normalised hidden states;
+    ``model.lm_head`` turns them into logits.
     """
-    n_layers = _check_n_top(model, n_top)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (batch, seq, d), got shape {tuple(hidden.shape)}")
-    n = hidden.shape[1]
-    positions = torch.arange(n, device=hidden.device)[None]
-    rope = model.model.rotary_emb(hidden, positions)
-    future = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu(1)
-    causal = torch.zeros(1, 1, n, n, dtype=hidden.dtype, device=hidden.device)
-    causal = causal.masked_fill(future, torch.finfo(hidden.dtype).min)  # additive: eager and SDPA alike
-    for layer in model.model.layers[n_layers - n_top:]:
-        hidden = layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rope)
-    return model.model.norm(hidden)
+    n_layers = check_n_top(model, n_top)
+    top = decoder_layers(model)[n_layers - n_top:]
+    return model.model.norm(run_layers(top, model.model.rotary_emb, hidden))
 
 
 def response_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -165,21 +156,18 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str | list[dict]
     """
     if not prompts:
         raise ValueError("score_labels got no prompts")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     ids = label_token_ids(tokenizer, prompts[0], labels, system=system)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     scores = []
     for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": x, "labels": x, "attention_mask": [1] * len(x)}
-                for x in (_chat_ids(tokenizer, _messages(p, system), add_generation_prompt=True)
-                          for p in prompts[start:start + batch_size])]
-        batch = collate(rows, pad_id, padding_side="left")
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), logits_to_keep=1).logits
+        input_ids, mask = left_pad([prompt_ids(tokenizer, p, system)
+                                    for p in prompts[start:start + batch_size]], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=1).logits
         scores.append(logits[:, -1, ids])
     model.train(was_training)
     return torch.cat(scores)

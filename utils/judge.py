@@ -21,8 +21,24 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from utils.finetune import pad_cached, top_forward
-from utils.sft import IGNORE_INDEX, _chat_ids, _messages, collate
+from utils.chat import greedy_continuations, left_pad, prompt_ids
+from utils.checks import check_positive_int
+from utils.dpo import cached_response_logprobs
+from utils.finetune import pad_cached
+
+__all__ = [
+    "ANSWER_CUE",
+    "JUDGE_STYLES",
+    "cached_sequence_logprobs",
+    "debiased_prob",
+    "generate_reasons",
+    "judge_ids",
+    "judge_messages",
+    "judge_probs",
+    "relabel_pairs",
+    "swap_stats",
+    "verdict_token_ids",
+]
 
 #: User-message templates; ``{question}``, ``{answer_1}`` and ``{answer_2}`` are filled in.
 JUDGE_STYLES: dict[str, str] = {
@@ -63,8 +79,7 @@ def judge_ids(tokenizer, question: str, answer_1: str, answer_2: str, style: str
     """
     if not isinstance(assistant_prefix, str):
         raise TypeError(f"assistant_prefix must be a str, got {type(assistant_prefix).__name__}")
-    messages = _messages(judge_messages(question, answer_1, answer_2, style), system)
-    ids = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+    ids = prompt_ids(tokenizer, judge_messages(question, answer_1, answer_2, style), system)
     if assistant_prefix:
         ids += tokenizer.encode(assistant_prefix, add_special_tokens=False)
     return ids
@@ -100,18 +115,15 @@ def judge_probs(model: nn.Module, prompts: Sequence[Sequence[int]], label_ids: S
         raise ValueError("judge_probs needs at least one prompt, each non-empty")
     if len(label_ids) != 2:
         raise ValueError(f"need exactly two label ids, got {list(label_ids)!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": p, "labels": p, "attention_mask": [1] * len(p)}
-                for p in prompts[start:start + batch_size]]
-        batch = collate(rows, pad_token_id, padding_side="left")
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), logits_to_keep=1).logits
+        input_ids, mask = left_pad(prompts[start:start + batch_size], pad_token_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=1).logits
         z = logits[:, -1, list(label_ids)].float()
         out.append(torch.softmax(z, dim=-1)[:, 0])
     model.train(was_training)
@@ -125,17 +137,8 @@ def generate_reasons(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int
     each prompt, generated as one left-padded batch."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_reasons needs at least one prompt, each non-empty")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [{"input_ids": list(p), "labels": list(p), "attention_mask": [1] * len(p)} for p in prompts]
-    batch = collate(rows, pad_id, padding_side="left")
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).split("Answer")[0].strip() for row in new]
+    replies = greedy_continuations(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts))
+    return [reply.split("Answer")[0].strip() for reply in replies]
 
 
 def _check_probs(**probs: torch.Tensor) -> None:
@@ -198,18 +201,9 @@ def cached_sequence_logprobs(model: nn.Module, items: Sequence[tuple[torch.Tenso
     """(n,) $\\sum_t \\log p(y_t \\mid y_{<t})$ over each sequence's response tokens, computed by the top
     ``n_top`` layers from cached trunk states (:func:`utils.finetune.trunk_cache` items).
 
-    Equal to :func:`utils.preference.sequence_logprobs` on the whole model; differentiable with respect
-    to the top layers' parameters.
+    Equal to :func:`utils.preference.response_logprobs` on the whole model; differentiable with respect
+    to the top layers' parameters. (:func:`utils.dpo.cached_response_logprobs` on :func:`pad_cached` items.)
     """
     if not items:
         raise ValueError("cached_sequence_logprobs got no items")
-    H, Y = pad_cached(items)
-    hidden = top_forward(model, H, n_top)
-    targets = Y[:, 1:]
-    keep = targets != IGNORE_INDEX
-    if not keep.any(dim=1).all():
-        raise ValueError("every sequence needs at least one response token (a label != -100)")
-    logits = model.lm_head(hidden[:, :-1][keep]).float()  # (response tokens, vocab)
-    token_logps = logits.log_softmax(-1).gather(1, targets[keep][:, None]).squeeze(1)
-    rows = torch.arange(len(items), device=H.device)[:, None].expand_as(targets)[keep]
-    return torch.zeros(len(items), device=H.device).index_add(0, rows, token_logps)
+    return cached_response_logprobs(model, *pad_cached(items), n_top)[0]

@@ -27,6 +27,20 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from utils.rag import split_sentences
+
+__all__ = [
+    "RELATIONS",
+    "Triple",
+    "build_graph",
+    "entity_kinds",
+    "extract_triples",
+    "neighbours",
+    "parse_exception_tree",
+    "path_sources",
+    "walk",
+]
+
 #: The relations :func:`extract_triples` produces.
 RELATIONS = ("member_of", "raises", "subclass_of", "alias_of")
 
@@ -39,7 +53,6 @@ _SUBCLASS_RE = re.compile(
 _ALIAS_RE = re.compile(r"\b(?:an?\s+)?alias (?:for|of)\s+(?:the\s+)?([A-Za-z_][\w.]*[A-Za-z0-9_])",
                        re.IGNORECASE)
 _IDENT_RE = re.compile(r"^[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*$")
-_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _TREE_LINE = re.compile(r"^([\s│├└─]*)([A-Z]\w*)")
 
 
@@ -72,11 +85,6 @@ def _entity(record: dict) -> tuple[str, str] | None:
     if anchor.endswith(("Error", "Exception", "Warning")) and kind != "function":
         kind = "exception"
     return anchor, kind
-
-
-def sentences(text: str) -> list[str]:
-    """Split documentation text into sentences (on ., ! or ? followed by space, and on newlines)."""
-    return [s.strip() for s in _SENTENCE_RE.split(text) if s.strip()]
 
 
 def parse_exception_tree(text: str) -> list[tuple[str, str]]:
@@ -164,7 +172,7 @@ def extract_triples(records: Iterable[dict]) -> list[Triple]:
         subject, kind = found
         if "." in subject:
             add(subject, "member_of", subject.rsplit(".", 1)[0], doc_id)
-        for sentence in sentences(record["text"]):
+        for sentence in split_sentences(record["text"], by_line=True):
             if kind in ("exception", "class"):
                 for match in _SUBCLASS_RE.finditer(sentence):
                     add(subject, "subclass_of", resolve(match.group(1), subject), doc_id)

@@ -1,7 +1,8 @@
-"""Low-rank adaptation (Part 2, fine-tuning): LoRA and DoRA layers, written to equal ``peft``'s.
+"""Adapters of a frozen linear layer (Part 2, fine-tuning): LoRA, DoRA and (IA)$^3$, written to equal ``peft``'s.
 
 - :class:`LoRALinear`: a frozen ``nn.Linear`` plus a trainable low-rank update $\\frac{\\alpha}{r} BA$.
 - :class:`DoRALinear`: LoRA on the direction of each output row, with a trainable magnitude.
+- :class:`IA3Linear`: (IA)$^3$, a learned rescaling of the frozen layer's output (or input).
 - :func:`apply_lora`, :func:`merge_lora`, :func:`unload_lora`, :func:`lora_layers`: whole models,
   with ``peft``'s ``target_modules`` semantics (a layer is targeted when its name ends with a target).
 - :func:`lora_parameter_count` and :func:`trainable_parameter_report`: what LoRA trains, and how little.
@@ -22,8 +23,30 @@ from torch import nn
 
 from utils.measure import count_parameters
 
+__all__ = [
+    "ADAPTER_FORMAT",
+    "CONFIG_FILE",
+    "CONFIG_KEYS",
+    "WEIGHTS_FILE",
+    "DoRALinear",
+    "IA3Linear",
+    "LoRALinear",
+    "apply_lora",
+    "copy_lora_to_peft",
+    "load_adapter",
+    "lora_layers",
+    "lora_parameter_count",
+    "lora_state_dict",
+    "merge_lora",
+    "save_adapter",
+    "set_adapter_weights",
+    "trainable_parameter_report",
+    "unload_lora",
+]
+
 ADAPTER_FORMAT = "llms-executed-lora/1"
-WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "vocab_size")  # the parts of model.config an adapter depends on
 
@@ -122,6 +145,29 @@ class DoRALinear(LoRALinear):
     def merged_weight(self) -> torch.Tensor:
         """$m \\odot (W + sBA) / \\lVert W + sBA \\rVert_c$."""
         return (self.magnitude / self.weight_norm())[:, None] * (self.base.weight + self.delta_weight())
+
+
+class IA3Linear(nn.Module):
+    """(IA)$^3$: a frozen linear layer whose output (or, for ``feedforward``, input) is rescaled.
+
+    ``feedforward=False``: $y = l \\odot (W x + b)$ with $l \\in \\mathbb{R}^{d_{out}}$;
+    ``feedforward=True``: $y = W (l \\odot x) + b$ with $l \\in \\mathbb{R}^{d_{in}}$, as ``peft`` does
+    for ``feedforward_modules``. $l$ starts at ones, so the layer first computes what the base did.
+    """
+
+    def __init__(self, base: nn.Linear, feedforward: bool = False) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"IA3Linear wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base.requires_grad_(False)
+        self.feedforward = feedforward
+        size = base.in_features if feedforward else base.out_features
+        self.scale = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feedforward:
+            return self.base(x * self.scale)
+        return self.base(x) * self.scale
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

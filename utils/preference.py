@@ -13,15 +13,15 @@ Losses, each returning one value per example (average them yourself)
     - :func:`bradley_terry_loss`: reward-model training, $-\\log\\sigma(r_c - r_r)$.
     - :func:`dpo_loss`, :func:`ipo_loss`, :func:`kto_loss` (reference-model based),
       :func:`orpo_loss`, :func:`simpo_loss` (reference-free), all written from per-sequence
-      log-probabilities such as :func:`sequence_logprobs` returns.
+      log-probabilities such as :func:`response_logprobs` returns.
 
 Reward-model helpers: :func:`prefix_trunk_cache` (frozen-trunk hidden states of many responses to one
 prompt, computing the shared prompt once), :func:`last_token_rewards` (a scalar head read at each
-sequence's last real token) and :func:`pairwise_accuracy`.
+sequence's last real token) and :func:`pairwise_accuracy`. The top layer at the last token alone is
+:func:`utils.hf_llama.last_token_top_layer`.
 """
 from __future__ import annotations
 
-import copy
 import random
 from typing import Sequence
 
@@ -29,9 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.surgery import decoder_layers
+from utils.chat import IGNORE_INDEX
+from utils.hf_llama import prefix_trunk_hidden
 
-IGNORE_INDEX = -100  # label value that marks prompt and padding tokens (as in utils.sft)
+__all__ = [
+    "PAIR_FIELDS",
+    "PROMPTS",
+    "bradley_terry_loss",
+    "build_pairs",
+    "dpo_loss",
+    "ipo_loss",
+    "kto_loss",
+    "last_token_rewards",
+    "orpo_loss",
+    "pairwise_accuracy",
+    "preferred",
+    "prefix_trunk_cache",
+    "response_logprobs",
+    "simpo_loss",
+    "split_snippets",
+    "validate_pairs",
+]
 
 #: The two instructions the movie-review preference data answers.
 PROMPTS: dict[str, str] = {
@@ -215,83 +233,18 @@ def prefix_trunk_cache(model: nn.Module, prefix_ids: Sequence[int], continuation
     """Hidden states entering layer $L - k$ ($k$ = ``n_top``) of ``prefix_ids + c`` for each ``c``.
 
     Every sequence starts with the same prompt, so the prompt runs through the frozen layers once and
-    its key/value cache is reused for each batch of continuations (right-padded). Returns one
+    its key/value cache is reused for each batch of continuations (right-padded;
+    :func:`utils.hf_llama.prefix_trunk_hidden`). Returns one
     (len(prefix) + len(c), d) tensor per continuation, equal to :func:`utils.finetune.trunk_cache` on
     the full sequences (up to float rounding) at a fraction of the cost when the prompt is long.
     """
-    n_layers = len(decoder_layers(model))
-    if not isinstance(n_top, int) or isinstance(n_top, bool) or not 1 <= n_top <= n_layers:
-        raise ValueError(f"n_top must be an int in 1..{n_layers} (the model's layer count), got {n_top!r}")
-    if not prefix_ids or not continuations or any(len(c) == 0 for c in continuations):
-        raise ValueError("need a non-empty prefix and at least one continuation, each non-empty")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n_prefix = len(prefix_ids)
-    out = model.model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True,
-                      output_hidden_states=True)
-    prefix_hidden = out.hidden_states[n_layers - n_top][0]
-    hiddens = []
-    for start in range(0, len(continuations), batch_size):
-        chunk = [list(c) for c in continuations[start:start + batch_size]]
-        longest = max(len(c) for c in chunk)
-        ids = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in chunk], device=device)
-        mask = torch.tensor([[1] * (n_prefix + len(c)) + [0] * (longest - len(c)) for c in chunk],
-                            device=device)
-        cache = copy.deepcopy(out.past_key_values)
-        cache.batch_repeat_interleave(len(chunk))
-        hidden = model.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                             output_hidden_states=True).hidden_states[n_layers - n_top]
-        hiddens += [torch.cat([prefix_hidden, h[:len(c)]]) for h, c in zip(hidden, chunk)]
-    model.train(was_training)
-    return hiddens
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def last_token_top_layer(model: nn.Module, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(batch, d): the model's last decoder layer and final norm, computed at each row's last real
-    position only.
-
-    A reward read at the last token needs the top layer's output there alone: keys and values for
-    every position, but one query, one attention row and one MLP call per sequence, instead of one per
-    token. Equal to ``top_forward(model, hidden, 1)[rows, lengths - 1]`` (:mod:`utils.finetune`) on
-    right-padded ``hidden`` (batch, seq, d) for Hugging Face Llama-family layers.
-    """
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (batch, seq, d), got shape {tuple(hidden.shape)}")
-    lengths = torch.as_tensor(lengths, device=hidden.device).long()
-    b, n, _ = hidden.shape
-    if lengths.shape != (b,) or (lengths < 1).any() or (lengths > n).any():
-        raise ValueError(f"need one length in 1..{n} per row, got {lengths.tolist()}")
-    layer, cfg = decoder_layers(model)[-1], model.config
-    attn, n_heads, n_kv = layer.self_attn, cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = attn.head_dim
-    positions = torch.arange(n, device=hidden.device)
-    cos, sin = model.model.rotary_emb(hidden, positions[None])  # (1, n, head_dim)
-    x = layer.input_layernorm(hidden)
-    k = attn.k_proj(x).view(b, n, n_kv, head_dim).transpose(1, 2)  # (b, kv heads, n, head_dim)
-    v = attn.v_proj(x).view(b, n, n_kv, head_dim).transpose(1, 2)
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-    rows, last = torch.arange(b, device=hidden.device), lengths - 1
-    q = attn.q_proj(x[rows, last]).view(b, n_heads, 1, head_dim)
-    q = q * cos[0, last][:, None, None] + _rotate_half(q) * sin[0, last][:, None, None]
-    visible = (positions[None] < lengths[:, None])[:, None, None]  # (b, 1, 1, n): real tokens only
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=attn.scaling,
-                                         enable_gqa=n_heads != n_kv)
-    h = hidden[rows, last] + attn.o_proj(out.reshape(b, n_heads * head_dim))
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.model.norm(h)
+    prefix, parts = prefix_trunk_hidden(model, prefix_ids, continuations, n_top, batch_size)
+    return [torch.cat([prefix, h]) for h in parts]
 
 
 # --- log-probabilities of responses ----------------------------------------------------------------
 
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logps, lengths)``: per row, $\\sum_t \\log p(y_t \\mid y_{<t})$ over the response tokens and
     their count.

@@ -1,14 +1,12 @@
 """Grounded generation for retrieval-augmented generation (Part 5): prompts with numbered sources,
-batched greedy answers, citation checks, answer metrics and extractive context compression.
+citation checks and extractive context compression.
 
-- :func:`sources_prompt`, :func:`closed_book_prompt`, :func:`render_prompt`, :func:`prompt_tokens`:
-  the chat messages a model reads (instructions, sources ``[1]..[n]``, the question) and exactly what
-  reaches it once the chat template is applied.
-- :func:`generate_answers`: greedy answers for many prompts at once (left padding, attention mask).
+- :func:`sources_prompt`, :func:`closed_book_prompt`: the chat messages a model reads (instructions,
+  sources ``[1]..[n]``, the question); :func:`utils.chat.render_prompt` shows exactly what reaches
+  it, and :func:`utils.chat.generate_replies` answers many prompts at once.
 - :func:`cited_numbers`, :func:`check_citations`, :func:`citation_correct`: which sources an answer
   cites, and whether those citations are right (see :class:`CitationCheck` for the definition).
-- :func:`normalize_tokens`, :func:`token_f1`, :func:`containment`, :func:`contains_answer`,
-  :func:`key_terms`, :func:`key_term_recall`: answer quality against a gold passage.
+  Answer quality against a gold passage is measured in :mod:`utils.metrics`.
 - :func:`split_sentences`, :func:`compress_context`: keep only the sentences of the retrieved chunks
   most similar to the question (extractive compression).
 - :func:`answer_questions`, :func:`answer_question`: retrieve, build the prompt, generate, parse the
@@ -22,15 +20,33 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from utils.sft import multiset_f1
+from utils.chat import generate_replies
+from utils.checks import check_positive_int
+from utils.metrics import CITATION_RE
+
+__all__ = [
+    "CLOSED_BOOK_INSTRUCTIONS",
+    "GROUNDED_INSTRUCTIONS",
+    "CitationCheck",
+    "RagAnswer",
+    "answer_question",
+    "answer_questions",
+    "check_citations",
+    "citation_correct",
+    "cited_numbers",
+    "clip_words",
+    "closed_book_prompt",
+    "compress_context",
+    "format_sources",
+    "sources_prompt",
+    "split_sentences",
+]
 
 #: The instruction closing a grounded prompt; ``{numbers}`` becomes "[1], [2] or [3]" for three sources.
 #: It comes *after* the sources and the question: a 135M model follows the instruction it read last
@@ -40,20 +56,6 @@ GROUNDED_INSTRUCTIONS = ("Answer the question in one or two sentences using only
 
 #: The instruction closing a closed-book prompt (no sources).
 CLOSED_BOOK_INSTRUCTIONS = "Answer the question in one or two sentences."
-
-#: A citation marker: ``[1]``, ``[2, 3]`` or ``[1][2]`` (each bracket is one marker).
-CITATION_RE = re.compile(r"\[\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
-
-#: Function words left out when :func:`containment` compares content words.
-STOPWORDS = frozenset("""
-a an the and or but if then else of to in on at by for with from as into onto about than that this
-these those it its is are was were be been being do does did done have has had having not no nor so
-such can could may might must shall should will would you your yours we our us i me my he him his
-she her they them their what which who whom whose when where why how there here also just only very
-all any some each every more most other same own too again further once both few many much out up
-down over under off s t don't isn't it's i'm
-""".split())
-
 
 # ----------------------------------------------------------------------------------------------
 # Prompts
@@ -138,83 +140,6 @@ def closed_book_prompt(question: str, *, instructions: str = CLOSED_BOOK_INSTRUC
     return _chat(f"Question: {question.strip()}\n{instructions}", system)
 
 
-def render_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
-    """The exact text the model reads: ``messages`` through the tokenizer's chat template, with the
-    assistant turn opened (``add_generation_prompt=True``) and started with ``assistant_prefix``
-    (words put in the model's mouth, e.g. ``"According to source ["`` to make it pick a source)."""
-    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m
-                               for m in messages):
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("this tokenizer has no chat template; load an instruct model's tokenizer")
-    if not isinstance(assistant_prefix, str):
-        raise TypeError(f"assistant_prefix must be a string, got {type(assistant_prefix).__name__}")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                         tokenize=False) + assistant_prefix
-
-
-def prompt_tokens(tokenizer, messages: list[dict], assistant_prefix: str = "") -> int:
-    """Number of tokens of :func:`render_prompt` (what prefill processes)."""
-    text = render_prompt(tokenizer, messages, assistant_prefix)
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched greedy generation
-# ----------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def generate_answers(model, tokenizer, messages_list: Sequence[list[dict]], max_new_tokens: int = 48,
-                     batch_size: int = 8, assistant_prefix: str = "") -> list[str]:
-    """Greedy answers, one per chat in ``messages_list``, in the same order.
-
-    Prompts are sorted by length so that a batch holds similar lengths, padded on the *left* (so that
-    every row's next token comes right after its own prompt) with an attention mask that hides the
-    padding; the tokenizer's pad token is its end-of-sequence token if it has none. Generation stops
-    at ``max_new_tokens`` or when every row has produced the end-of-sequence token. Special tokens
-    are removed from the returned text, which is stripped of surrounding whitespace. With an
-    ``assistant_prefix`` (:func:`render_prompt`) the returned text starts with it.
-    """
-    from transformers import GenerationConfig
-
-    if isinstance(messages_list, dict) or (messages_list and isinstance(messages_list[0], dict)):
-        raise TypeError("messages_list is a list of chats (each a list of message dicts); "
-                        "wrap a single chat as [messages]")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, "
-                         f"{batch_size}")
-    if not messages_list:
-        return []
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; generation would never know where to stop")
-    texts = [render_prompt(tokenizer, m, assistant_prefix) for m in messages_list]
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else eos, eos_token_id=eos)
-    device = next(model.parameters()).device
-    saved = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = [""] * len(texts)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
-            out = model.generate(**batch, generation_config=config)
-            new = out[:, batch["input_ids"].shape[1]:]
-            for i, row in zip(idx, new):
-                text = assistant_prefix + tokenizer.decode(row, skip_special_tokens=True)
-                answers[i] = text.strip()
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = saved
-    return answers
-
-
 # ----------------------------------------------------------------------------------------------
 # Citations
 # ----------------------------------------------------------------------------------------------
@@ -280,81 +205,24 @@ def citation_correct(answer: str, chunks: Sequence[Any], gold_doc_id: str) -> bo
 
 
 # ----------------------------------------------------------------------------------------------
-# Answer metrics
-# ----------------------------------------------------------------------------------------------
-
-def normalize_tokens(text: str, drop_stopwords: bool = False) -> list[str]:
-    """Lower-cased word tokens of ``text`` with citation markers, punctuation and the articles
-    a/an/the removed (the SQuAD normalisation); with ``drop_stopwords`` also :data:`STOPWORDS`."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}")
-    tokens = re.findall(r"\w+", CITATION_RE.sub(" ", text).lower())
-    drop = STOPWORDS if drop_stopwords else frozenset({"a", "an", "the"})
-    return [t for t in tokens if t not in drop]
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    """SQuAD token F1: harmonic mean of the precision and recall of the prediction's tokens against
-    the gold's (as multisets, after :func:`normalize_tokens`). 1.0 if both are empty, 0.0 if one is.
-    Against a long gold passage recall, and so F1, stays small even for a right answer."""
-    return multiset_f1(normalize_tokens(prediction), normalize_tokens(gold))
-
-
-def containment(prediction: str, gold: str, question: str | None = None) -> float:
-    """Fraction of the prediction's content words that occur in the gold passage: how much of what
-    the answer says is backed by the passage that answers the question.
-
-    Content words are :func:`normalize_tokens` without :data:`STOPWORDS`; words of ``question`` (if
-    given) are left out of the prediction first, since repeating the question is free. 0.0 when
-    nothing is left to check."""
-    words = normalize_tokens(prediction, drop_stopwords=True)
-    if question is not None:
-        asked = set(normalize_tokens(question, drop_stopwords=True))
-        words = [w for w in words if w not in asked]
-    if not words:
-        return 0.0
-    backed = set(normalize_tokens(gold, drop_stopwords=True))
-    return sum(w in backed for w in words) / len(words)
-
-
-def contains_answer(prediction: str, gold: str, question: str | None = None,
-                    threshold: float = 0.5) -> bool:
-    """True when :func:`containment` is at least ``threshold`` (most of the answer is in the gold)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    return containment(prediction, gold, question) >= threshold
-
-
-def key_terms(gold: str, question: str | None = None, n: int = 10) -> list[str]:
-    """The ``n`` most frequent content words of the gold passage that are not in the question (ties
-    broken by first appearance): what a complete answer would likely mention."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    asked = set(normalize_tokens(question, drop_stopwords=True)) if question is not None else set()
-    words = [w for w in normalize_tokens(gold, drop_stopwords=True) if w not in asked]
-    return [w for w, _ in Counter(words).most_common(n)]  # most_common keeps first-seen order on ties
-
-
-def key_term_recall(prediction: str, gold: str, question: str | None = None, n: int = 10) -> float:
-    """Fraction of :func:`key_terms` of the gold passage that occur in the prediction: the recall
-    side of answer quality (:func:`containment` is the precision side). 0.0 if there are no key terms."""
-    terms = key_terms(gold, question, n)
-    if not terms:
-        return 0.0
-    said = set(normalize_tokens(prediction))
-    return sum(t in said for t in terms) / len(terms)
-
-
-# ----------------------------------------------------------------------------------------------
 # Extractive context compression
 # ----------------------------------------------------------------------------------------------
 
 _SENTENCE_END = re.compile(r"(?<=[.!?:])\s+(?=[A-Z0-9\"'(\[])")
+_LINE_OR_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: paragraphs (blank-line separated) split after ``. ! ? :`` followed by
-    a capital, digit, quote or bracket; whitespace inside a sentence is collapsed."""
+def split_sentences(text: str, by_line: bool = False) -> list[str]:
+    """Sentences of ``text``, stripped, none empty.
+
+    Prose (default): paragraphs (blank-line separated) split after ``. ! ? :`` followed by a capital,
+    digit, quote or bracket; whitespace inside a sentence is collapsed. ``by_line=True``, for
+    documentation text whose lines are items (signatures, bullets): every line break ends a sentence,
+    and so does ``. ! ?`` followed by whitespace."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if by_line:
+        return [s.strip() for s in _LINE_OR_SENTENCE_END.split(text) if s.strip()]
     out: list[str] = []
     for paragraph in re.split(r"\n\s*\n", text):
         flat = " ".join(paragraph.split())
@@ -380,27 +248,37 @@ def _with_text(chunk: Any, text: str) -> Any:
 
 
 def compress_context(question: str, chunks: Sequence[Any], max_sentences: int = 3, *,
-                     embed: Callable[[list[str]], np.ndarray] | None = None) -> list[Any]:
-    """Extractive compression: keep the ``max_sentences`` sentences of all ``chunks`` whose
-    embeddings are most similar (cosine) to the question's, each chunk keeping its kept sentences in
-    their original order; chunks left with no sentence are dropped (so the survivors are renumbered
-    [1]..[m] in a new prompt, and citations must be checked against the returned list).
+                     embed: Callable[[list[str]], np.ndarray] | None = None,
+                     score: Callable[[str, list[str]], Sequence[float]] | None = None,
+                     by_line: bool = False) -> list[Any]:
+    """Extractive compression: keep the ``max_sentences`` sentences of all ``chunks`` that score
+    highest against the question (ties: the earlier sentence), each chunk keeping its kept sentences
+    in their original order; chunks left with no sentence are dropped (so the survivors are
+    renumbered [1]..[m] in a new prompt, and citations must be checked against the returned list).
 
-    ``embed`` maps a list of texts to unit-length rows (default: all-MiniLM-L6-v2 through
-    :func:`utils.embed.embed_texts`, not cached on disk). Chunks come back as the same kind (a
-    :class:`utils.retrieval.Chunk` with shorter ``text``, a dict, or a string)."""
+    The score is the cosine of the embeddings of sentence and question, ``embed`` mapping a list of
+    texts to unit-length rows (default: all-MiniLM-L6-v2 through :func:`utils.embed.embed_texts`,
+    not cached on disk); or, with ``score``, ``score(question, sentences)`` (one number per sentence).
+    Sentences are :func:`split_sentences` (``by_line`` passed on). Chunks come back as the same kind
+    (a :class:`utils.retrieval.Chunk` with shorter ``text``, a dict, or a string)."""
     _check_question(question)
-    if max_sentences < 1:
-        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
-    per_chunk = [split_sentences(_text(c)) for c in chunks]
+    check_positive_int("max_sentences", max_sentences)
+    if embed is not None and score is not None:
+        raise ValueError("pass embed (cosine scores) or score (your own), not both")
+    per_chunk = [split_sentences(_text(c), by_line) for c in chunks]
     flat = [(ci, si, s) for ci, sents in enumerate(per_chunk) for si, s in enumerate(sents)]
     if not flat:
         return []
-    vectors = np.asarray((embed or _default_embed)([question] + [s for _, _, s in flat]),
-                         dtype=np.float32)
-    if vectors.shape[0] != len(flat) + 1:
-        raise ValueError(f"embed returned {vectors.shape[0]} rows for {len(flat) + 1} texts")
-    scores = vectors[1:] @ vectors[0]
+    texts = [s for _, _, s in flat]
+    if score is not None:
+        scores = np.asarray(score(question, texts), dtype=np.float64)
+        if scores.shape != (len(flat),):
+            raise ValueError(f"score returned shape {scores.shape} for {len(flat)} sentences")
+    else:
+        vectors = np.asarray((embed or _default_embed)([question] + texts), dtype=np.float32)
+        if vectors.shape[0] != len(flat) + 1:
+            raise ValueError(f"embed returned {vectors.shape[0]} rows for {len(flat) + 1} texts")
+        scores = vectors[1:] @ vectors[0]
     keep = {(flat[j][0], flat[j][1]) for j in np.argsort(-scores, kind="stable")[:max_sentences]}
     out = []
     for ci, (chunk, sents) in enumerate(zip(chunks, per_chunk)):
@@ -440,7 +318,7 @@ def answer_questions(questions: Sequence[str], index, model, tokenizer, k: int =
     """Retrieve-then-generate for many questions: ``index.search(q, k=k,
     allowed_groups=allowed_groups)``, the hits' chunks as numbered sources (each cut to ``max_words``
     words, or compressed to ``compress_to`` sentences by :func:`compress_context`), a grounded prompt
-    (:func:`sources_prompt`) and batched greedy generation (:func:`generate_answers`, which starts
+    (:func:`sources_prompt`) and batched greedy generation (:func:`utils.chat.generate_replies`, which starts
     each answer with ``assistant_prefix``). A question for which the index returns nothing (all
     its chunks filtered out by ``allowed_groups``) is asked closed-book, without the prefix.
     ``allowed_groups`` is passed to the index, which filters before ranking (access control)."""
@@ -468,7 +346,7 @@ def answer_questions(questions: Sequence[str], index, model, tokenizer, k: int =
     unaided = [i for i, s in enumerate(all_sources) if not s]
     texts = [""] * len(questions)
     for rows, prefix in ((grounded, assistant_prefix), (unaided, "")):
-        outs = generate_answers(model, tokenizer, [all_messages[i] for i in rows],
+        outs = generate_replies(model, tokenizer, [all_messages[i] for i in rows],
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 assistant_prefix=prefix)
         for i, out in zip(rows, outs):

@@ -11,7 +11,7 @@ Everything a retrieval-augmented pipeline needs before the language model sees a
   :class:`BM25Index` (lexical), :class:`DenseIndex` (all-MiniLM-L6-v2 embeddings, cached on disk by
   :func:`utils.embed.embed_texts`), :class:`HybridIndex` (reciprocal rank fusion) and
   :class:`RerankedIndex` (any index followed by a reranker, see :func:`rerank`);
-- metrics: :func:`recall_at_k`, :func:`reciprocal_rank`, :func:`evaluate_retrieval`.
+- evaluation: :func:`evaluate_retrieval` (mean :func:`utils.metrics.recall_at_k` and MRR).
 
 Conventions, decided once here so that every chapter agrees:
 
@@ -48,6 +48,8 @@ from typing import Protocol
 import numpy as np
 from scipy import sparse
 
+from utils.metrics import recall_at_k, reciprocal_rank
+
 __all__ = [
     "BM25Index",
     "Chunk",
@@ -62,8 +64,6 @@ __all__ = [
     "embedding_text",
     "evaluate_retrieval",
     "load_folder",
-    "recall_at_k",
-    "reciprocal_rank",
     "rerank",
     "rrf_fuse",
     "sections_as_chunks",
@@ -602,21 +602,6 @@ class RerankedIndex:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-
-def recall_at_k(hits: Sequence[Hit], gold_doc_id: str, k: int) -> float:
-    """1.0 if a chunk of the gold document is among the first ``k`` hits, else 0.0 (one relevant
-    document per question, so recall and "hit rate" coincide)."""
-    _check_size("k", k)
-    return float(any(h.chunk.doc_id == gold_doc_id for h in list(hits)[:k]))
-
-
-def reciprocal_rank(hits: Sequence[Hit], gold_doc_id: str) -> float:
-    """1 / rank of the first hit from the gold document, 0.0 if none of ``hits`` is."""
-    for position, h in enumerate(hits, start=1):
-        if h.chunk.doc_id == gold_doc_id:
-            return 1.0 / position
-    return 0.0
-
 
 def evaluate_retrieval(index: Index | Callable[[str, int], Sequence[Hit]], questions: Iterable[Mapping],
                        ks: Sequence[int] = (1, 5, 10), allowed_groups: Iterable[str] | None = None

@@ -5,27 +5,32 @@
 - :func:`collate`: examples -> padded tensors; :func:`masked_lm_loss`: the loss on response tokens.
 - :func:`faq_pairs` and :func:`sentiment_pairs`: two small tasks built from the shipped ``data/``,
   each with a fixed, seeded train/test split.
-- :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1` (on :func:`multiset_f1`), :func:`contains`
-  (SQuAD-style answer metrics) and :func:`label_accuracy` (for the sentiment task).
-- :func:`generate_responses`: greedy, batched answers to a list of prompts.
+
+Messages, prompt ids, left padding and batched greedy replies live in :mod:`utils.chat`; the answer
+metrics (SQuAD's exact match and token F1, label accuracy) in :mod:`utils.metrics`.
 """
 from __future__ import annotations
 
 import random
-import re
-import string
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from utils.chat import IGNORE_INDEX, chat_ids, messages
 from utils.data import load_movie_reviews, load_python_faq
 
-IGNORE_INDEX = -100  # label value that cross-entropy (ours and transformers') skips
-_PUNCTUATION = frozenset(string.punctuation)
+__all__ = [
+    "NEGATIVE_THRESHOLD",
+    "POSITIVE_THRESHOLD",
+    "SENTIMENT_INSTRUCTION",
+    "build_example",
+    "collate",
+    "faq_pairs",
+    "masked_lm_loss",
+    "sentiment_pairs",
+]
 
 #: Reviews with a mean human rating at or above this are "positive" (ratings run from -4 to 4).
 POSITIVE_THRESHOLD = 1.0
@@ -37,39 +42,6 @@ SENTIMENT_INSTRUCTION = ("Is the following movie review positive or negative? "
 
 
 # --- one training example --------------------------------------------------------------------------
-
-def _messages(prompt: str | list[dict], system: str | None) -> list[dict]:
-    """The chat messages of a prompt: a bare string becomes one user turn; ``system`` goes first."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("prompt is empty: pass the user's message (a non-empty string)")
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt:
-        for m in prompt:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise TypeError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
-        messages = [dict(m) for m in prompt]
-    else:
-        raise TypeError("prompt must be a non-empty str or a non-empty list of {'role', 'content'} dicts, "
-                        f"got {type(prompt).__name__} {prompt!r:.60}")
-    if system is not None:
-        if not isinstance(system, str):
-            raise TypeError(f"system must be a str or None, got {type(system).__name__}")
-        if messages[0]["role"] == "system":
-            raise ValueError("the prompt already starts with a system message; pass system=None or drop it")
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("tokenizer has no chat_template; set one (tokenizer.chat_template = '...jinja...') "
-                         "or use a chat model such as SmolLM2-135M-Instruct (utils.load_llm())")
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            add_generation_prompt=add_generation_prompt)
-    return list(encoded["input_ids"])
-
 
 def build_example(tokenizer, prompt: str | list[dict], response: str, max_length: int | None = None,
                   system: str | None = None) -> dict[str, list[int]]:
@@ -87,12 +59,12 @@ def build_example(tokenizer, prompt: str | list[dict], response: str, max_length
         raise TypeError(f"response must be a str, got {type(response).__name__}")
     if not response.strip():
         raise ValueError("response is empty: SFT needs a target answer to learn")
-    messages = _messages(prompt, system)
-    prompt_ids = _chat_ids(tokenizer, messages, add_generation_prompt=True)
-    ids = _chat_ids(tokenizer, messages + [{"role": "assistant", "content": response}],
-                    add_generation_prompt=False)
-    n_prompt = len(prompt_ids)
-    if ids[:n_prompt] != prompt_ids:
+    chat = messages(prompt, system)
+    prompt = chat_ids(tokenizer, chat, add_generation_prompt=True)
+    ids = chat_ids(tokenizer, chat + [{"role": "assistant", "content": response}],
+                   add_generation_prompt=False)
+    n_prompt = len(prompt)
+    if ids[:n_prompt] != prompt:
         raise ValueError("the chat template does not render the prompt (with add_generation_prompt=True) as a "
                          "prefix of the full conversation, so the response tokens cannot be located; "
                          "use a template whose generation prompt is exactly the start of the assistant turn")
@@ -217,95 +189,3 @@ def sentiment_pairs(split: str, test_fraction: float = 0.2, seed: int = 0,
              for pos, neg in zip(parts["positive"], parts["negative"])
              for text, label in ((pos, "positive"), (neg, "negative"))]
     return _nonempty(pairs, split)
-
-
-# --- metrics ---------------------------------------------------------------------------------------
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower-case, drop punctuation and the articles a/an/the, squeeze spaces."""
-    if not isinstance(text, str):
-        raise TypeError(f"normalize_answer needs a str, got {type(text).__name__}")
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(pred: str, gold: str) -> float:
-    """1.0 if the normalised prediction equals the normalised gold answer, else 0.0."""
-    return float(normalize_answer(pred) == normalize_answer(gold))
-
-
-def token_f1(pred: str, gold: str) -> float:
-    """SQuAD's token F1: harmonic mean of precision and recall of the shared normalised words.
-
-    With $c$ the number of words in common (counting repeats), $p = c/|\\text{pred}|$,
-    $r = c/|\\text{gold}|$ and $F_1 = 2pr/(p+r)$; if either side is empty, 1.0 when both are, else 0.0.
-    """
-    return multiset_f1(normalize_answer(pred).split(), normalize_answer(gold).split())
-
-
-def multiset_f1(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
-    """F1 of two token lists compared as multisets (the core of every token-F1 metric in the book);
-    1.0 if both are empty, 0.0 if only one is."""
-    if not pred_tokens or not gold_tokens:
-        return float(len(pred_tokens) == len(gold_tokens))
-    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def contains(pred: str, gold: str) -> float:
-    """1.0 if the normalised gold answer occurs in the normalised prediction as whole words, else 0.0."""
-    gold_norm = normalize_answer(gold)
-    if not gold_norm:
-        raise ValueError(f"gold answer {gold!r} is empty after normalisation, so containment is meaningless")
-    return float(f" {gold_norm} " in f" {normalize_answer(pred)} ")
-
-
-def label_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
-    """Fraction of predictions whose first normalised word is the normalised gold label."""
-    if len(preds) != len(golds):
-        raise ValueError(f"got {len(preds)} predictions for {len(golds)} gold labels")
-    if not golds:
-        raise ValueError("label_accuracy got no examples")
-    first_words = [(normalize_answer(p).split() or [""])[0] for p in preds]
-    return sum(w == normalize_answer(g) for w, g in zip(first_words, golds)) / len(golds)
-
-
-# --- generation ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str | list[dict]],
-                       max_new_tokens: int = 64, batch_size: int = 8,
-                       system: str | None = None) -> list[str]:
-    """Greedy answers to ``prompts``, ``batch_size`` at a time, decoded without special tokens.
-
-    Each prompt is rendered like :func:`build_example`'s prompt part (ending with the assistant
-    header) and the batch is padded on the LEFT with an attention mask, so that every row's last
-    real token sits at the end and its new tokens follow it directly.
-    """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    responses: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)}
-                for ids in (_chat_ids(tokenizer, _messages(p, system), add_generation_prompt=True)
-                            for p in prompts[start:start + batch_size])]
-        batch = collate(rows, pad_id, padding_side="left")
-        output = model.generate(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        responses += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    model.train(was_training)
-    return responses

@@ -23,11 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.hf_llama import decoder_layers
+
 __all__ = [
     "angular_distance",
     "best_block",
     "block_distances",
-    "decoder_layers",
     "distillation_loss",
     "layer_inputs",
     "layers_removed",
@@ -35,15 +36,6 @@ __all__ = [
     "remove_layers",
     "token_nll",
 ]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError("expected a Hugging Face causal LM with `model.model.layers` (an nn.ModuleList), "
-                        f"got {type(model).__name__}")
-    return layers
 
 
 def _check_block(num_layers: int, start: int, n: int) -> None:

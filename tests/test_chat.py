@@ -1,0 +1,154 @@
+"""Tests for utils.chat on a tiny ChatML tokenizer and a tiny random LlamaForCausalLM (no download)."""
+import pytest
+import torch
+from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
+from transformers import PreTrainedTokenizerFast
+
+from utils import chat
+
+CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
+          "The film was dull and bad: negative.", "user assistant system You are a helpful assistant.",
+          "Sources: [1] [2] Question: Answer According to source [1], the answer is"] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return chatml_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(tokenizer, num_hidden_layers=2, max_position_embeddings=256)
+
+
+# --------------------------------------------------------------------------------------- messages
+
+def test_messages_from_strings_and_chats():
+    assert chat.messages("Hi") == [{"role": "user", "content": "Hi"}]
+    assert chat.messages("Hi", system="") == [{"role": "system", "content": ""},
+                                              {"role": "user", "content": "Hi"}]
+    given = [{"role": "user", "content": "Hi"}]
+    out = chat.messages(given, system="S")
+    assert out[0] == {"role": "system", "content": "S"} and given == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("prompt, system, error, match", [
+    ("", None, ValueError, "prompt is empty"),
+    ("   ", None, ValueError, "prompt is empty"),
+    ([], None, TypeError, "non-empty"),
+    (None, None, TypeError, "non-empty str"),
+    ([{"content": "x"}], None, TypeError, "'role' and 'content'"),
+    ("Hi", 3, TypeError, "system must be a str"),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}], "S2", ValueError,
+     "already starts with a system message"),
+])
+def test_messages_errors(prompt, system, error, match):
+    with pytest.raises(error, match=match):
+        chat.messages(prompt, system)
+
+
+# --------------------------------------------------------------------------------------- token ids
+
+def test_prompt_ids_equal_chat_ids_and_render(tokenizer):
+    for prompt, system in [("What is Python?", None), ("Hi", ""), ("The film", "You are helpful.")]:
+        msgs = chat.messages(prompt, system)
+        ids = chat.prompt_ids(tokenizer, prompt, system)
+        assert ids == chat.chat_ids(tokenizer, msgs, add_generation_prompt=True)
+        assert tokenizer.decode(ids) == chat.render_prompt(tokenizer, prompt, system=system)
+        assert chat.prompt_tokens(tokenizer, prompt, system=system) == len(ids)
+    text = chat.render_prompt(tokenizer, "Why?")
+    assert text == "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.render_prompt(tokenizer, "Why?", "Source [") == text + "Source ["
+    assert chat.prompt_tokens(tokenizer, "Why?", "Source [") > chat.prompt_tokens(tokenizer, "Why?")
+    full = chat.chat_ids(tokenizer, [{"role": "user", "content": "Why?"},
+                                     {"role": "assistant", "content": "Because."}], False)
+    assert full[:len(chat.prompt_ids(tokenizer, "Why?"))] == chat.prompt_ids(tokenizer, "Why?")
+
+
+def test_no_chat_template_is_a_clear_error(tokenizer):
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    for call in (lambda: chat.chat_ids(plain, [{"role": "user", "content": "x"}], True),
+                 lambda: chat.prompt_ids(plain, "x"), lambda: chat.render_prompt(plain, "x")):
+        with pytest.raises(ValueError, match="no chat_template"):
+            call()
+    with pytest.raises(TypeError, match="assistant_prefix"):
+        chat.render_prompt(tokenizer, "x", None)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        chat.prompt_ids(tokenizer, "")
+
+
+# ---------------------------------------------------------------------------------------- padding
+
+def test_pad_token_id_rule(tokenizer):
+    assert chat.pad_token_id(tokenizer) == tokenizer.pad_token_id
+    eos_only = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                       chat_template=CHATML)
+    assert eos_only.pad_token_id is None and chat.pad_token_id(eos_only) == eos_only.eos_token_id
+    neither = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, chat_template=CHATML)
+    with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
+        chat.pad_token_id(neither)
+
+
+def test_left_pad():
+    ids, mask = chat.left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="each non-empty"):
+        chat.left_pad([[1], []], 0)
+    with pytest.raises(ValueError, match="at least one"):
+        chat.left_pad([], 0)
+    with pytest.raises(TypeError, match="pad_id must be an int"):
+        chat.left_pad([[1]], None)
+
+
+# ------------------------------------------------------------------------------------- generation
+
+def _alone(model, tokenizer, prompt, n, prefix=""):
+    """One prompt, no padding: the reference for a batched, left-padded run."""
+    ids = torch.tensor([chat.prompt_ids(tokenizer, prompt, assistant_prefix=prefix)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return (prefix + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)).strip()
+
+
+def test_left_padded_batches_equal_unpadded_generation(model, tokenizer):
+    prompts = ["What is Python?", "Hi", [{"role": "user", "content": "The film was dull and bad."}]]
+    batched = chat.generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert len(batched) == 3 and all(isinstance(r, str) and r for r in batched)  # non-empty: a real check
+    assert batched == [_alone(model, tokenizer, p, 6) for p in prompts]
+    assert chat.generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) == batched
+    pre = chat.generate_replies(model, tokenizer, prompts[:2], max_new_tokens=4, assistant_prefix="Source [")
+    assert all(a.startswith("Source [") for a in pre)
+    assert pre == [_alone(model, tokenizer, p, 4, "Source [") for p in prompts[:2]]
+    assert chat.generate_replies(model, tokenizer, [], max_new_tokens=4) == []
+    ids = [chat.prompt_ids(tokenizer, p) for p in prompts]
+    assert [t.strip() for t in chat.greedy_continuations(model, tokenizer, ids, max_new_tokens=6)] == batched
+
+
+def test_generation_restores_mode_and_needs_no_pad_token(model, tokenizer):
+    model.train()
+    chat.generate_replies(model, tokenizer, ["Hi"], max_new_tokens=1)
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    eos_only = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                       chat_template=CHATML)
+    (reply,) = chat.generate_replies(model, eos_only, ["Hi"], max_new_tokens=3)
+    assert reply == chat.generate_replies(model, tokenizer, ["Hi"], max_new_tokens=3)[0]
+    assert eos_only.pad_token is None and eos_only.padding_side == "right"  # the tokenizer is untouched
+
+
+def test_generation_errors(model, tokenizer):
+    msgs = [{"role": "user", "content": "Why?"}]
+    with pytest.raises(TypeError, match="wrap a single chat"):
+        chat.generate_replies(model, tokenizer, msgs)
+    with pytest.raises(TypeError, match="wrap a single chat"):
+        chat.generate_replies(model, tokenizer, "Why?")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        chat.generate_replies(model, tokenizer, ["Hi"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        chat.generate_replies(model, tokenizer, ["Hi"], batch_size=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        chat.greedy_continuations(model, tokenizer, [[1], []])
+    neither = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, chat_template=CHATML)
+    with pytest.raises(ValueError, match="neither a pad token nor an eos"):
+        chat.generate_replies(model, neither, ["Hi"])

@@ -1,0 +1,186 @@
+"""The chat interface every part uses: messages, prompt token ids, left padding, batched greedy replies.
+
+One rule per idea, decided here once:
+
+- **Messages.** :func:`messages` turns a prompt (a string, or a list of ``{"role", "content"}`` dicts)
+  and an optional system message into the list a chat template reads.
+- **Token ids.** :func:`chat_ids` renders messages with the tokenizer's chat template; :func:`prompt_ids`
+  is the prompt up to the opened assistant turn (``add_generation_prompt=True``), optionally followed by
+  words put in the model's mouth (``assistant_prefix``). :func:`render_prompt` is the same as text, and
+  :func:`prompt_tokens` its length (what prefill processes).
+- **Padding.** :func:`pad_token_id`: the tokenizer's pad token, else its end-of-sequence token, else a
+  clear error (the attention mask hides padding, so any real token id will do). :func:`left_pad`
+  pads prompts on the left, so every row's next token follows its own last token.
+- **Generation.** :func:`greedy_continuations` (token-id prompts) and :func:`generate_replies`
+  (chat prompts): greedy, batched, left-padded, stopping at the end-of-sequence token.
+- :data:`IGNORE_INDEX`: the label that cross-entropy (ours and transformers') skips.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "IGNORE_INDEX",
+    "chat_ids",
+    "generate_replies",
+    "greedy_continuations",
+    "left_pad",
+    "messages",
+    "pad_token_id",
+    "prompt_ids",
+    "prompt_tokens",
+    "render_prompt",
+]
+
+IGNORE_INDEX = -100  # label value that cross-entropy (ours and transformers') skips
+
+
+def messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    """The chat messages of a prompt: a bare string becomes one user turn; ``system`` goes first."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("prompt is empty: pass the user's message (a non-empty string)")
+        chat = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt:
+        for m in prompt:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise TypeError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
+        chat = [dict(m) for m in prompt]
+    else:
+        raise TypeError("prompt must be a non-empty str or a non-empty list of {'role', 'content'} dicts, "
+                        f"got {type(prompt).__name__} {prompt!r:.60}")
+    if system is not None:
+        if not isinstance(system, str):
+            raise TypeError(f"system must be a str or None, got {type(system).__name__}")
+        if chat[0]["role"] == "system":
+            raise ValueError("the prompt already starts with a system message; pass system=None or drop it")
+        chat.insert(0, {"role": "system", "content": system})
+    return chat
+
+
+def _check_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat_template; set one (tokenizer.chat_template = '...jinja...') "
+                         "or use a chat model such as SmolLM2-135M-Instruct (utils.load_llm())")
+
+
+def chat_ids(tokenizer, chat: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of the messages ``chat`` rendered with the tokenizer's chat template."""
+    _check_template(tokenizer)
+    encoded = tokenizer.apply_chat_template(messages(chat), tokenize=True, return_dict=True,
+                                            add_generation_prompt=add_generation_prompt)
+    return list(encoded["input_ids"])
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], assistant_prefix: str = "",
+                  system: str | None = None) -> str:
+    """The exact text the model reads: the prompt's :func:`messages` through the chat template, with
+    the assistant turn opened (``add_generation_prompt=True``) and started with ``assistant_prefix``
+    (words put in the model's mouth, e.g. ``"According to source ["`` to make it pick a source)."""
+    chat = messages(prompt, system)
+    _check_template(tokenizer)
+    if not isinstance(assistant_prefix, str):
+        raise TypeError(f"assistant_prefix must be a string, got {type(assistant_prefix).__name__}")
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + assistant_prefix
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None,
+               assistant_prefix: str = "") -> list[int]:
+    """Token ids of :func:`render_prompt`: the prompt up to the opened assistant turn (plus
+    ``assistant_prefix``), ready for the model's first reply token. Without a prefix it equals
+    ``chat_ids(tokenizer, messages(prompt, system), add_generation_prompt=True)``."""
+    text = render_prompt(tokenizer, prompt, assistant_prefix, system)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_tokens(tokenizer, prompt: str | list[dict], assistant_prefix: str = "",
+                  system: str | None = None) -> int:
+    """Number of tokens of :func:`render_prompt` (what prefill processes)."""
+    return len(prompt_ids(tokenizer, prompt, system, assistant_prefix))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token (the attention
+    mask hides padding, so any real token will do)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad token nor an eos token; set one, e.g. "
+                     "tokenizer.pad_token = tokenizer.unk_token")
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` (batch, longest) of token-id lists padded on the LEFT with
+    ``pad_id`` (mask 0), so that every row's last real token sits at the end."""
+    rows = [list(s) for s in sequences]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("left_pad needs at least one sequence, each non-empty")
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}; use pad_token_id(tokenizer)")
+    longest = max(len(r) for r in rows)
+    ids = [[pad_id] * (longest - len(r)) + r for r in rows]
+    mask = [[0] * (longest - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@torch.inference_mode()
+def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+                         max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of token-id ``prompts``, in the same order, decoded without special
+    tokens (not stripped, so that a caller can put text in front first).
+
+    Prompts are sorted by length so that a batch holds similar lengths, padded on the LEFT
+    (:func:`left_pad`, :func:`pad_token_id`) with an attention mask that hides the padding.
+    Generation stops at ``max_new_tokens`` or when every row has produced the end-of-sequence token.
+    """
+    _check_count("max_new_tokens", max_new_tokens)
+    _check_count("batch_size", batch_size)
+    prompts = [list(p) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        return []
+    pad_id = pad_token_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is None:  # the model's own stopping rule
+        eos = model.generation_config.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad_id, eos_token_id=eos)
+        for i, row in zip(idx, out[:, input_ids.shape[1]:]):
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+    model.train(was_training)
+    return texts
+
+
+def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str | list[dict]],
+                     max_new_tokens: int = 48, batch_size: int = 8, system: str | None = None,
+                     assistant_prefix: str = "") -> list[str]:
+    """Greedy replies, one per prompt (a user message, or a chat as a list of message dicts), in the
+    same order, stripped of surrounding whitespace: :func:`prompt_ids` of each prompt, then
+    :func:`greedy_continuations`. With an ``assistant_prefix`` every reply starts with it (the model
+    continues the words put in its mouth)."""
+    if isinstance(prompts, (str, dict)) or any(isinstance(p, dict) for p in prompts):
+        raise TypeError("prompts is a list of prompts (each a str or a list of message dicts); "
+                        "wrap a single chat as [messages]")
+    ids = [prompt_ids(tokenizer, p, system, assistant_prefix) for p in prompts]
+    return [(assistant_prefix + text).strip()
+            for text in greedy_continuations(model, tokenizer, ids, max_new_tokens, batch_size)]
