@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from utils.finetune import top_forward
-from utils.chat import IGNORE_INDEX
+from utils.preference import response_targets
 
 __all__ = ["cached_response_logprobs", "preference_metrics", "trl_dpo_loss", "trl_kto_loss"]
 
@@ -37,11 +37,7 @@ def cached_response_logprobs(model: nn.Module, hidden: torch.Tensor, labels: tor
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"need hidden (batch, seq, d) and labels (batch, seq), got "
                          f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    lengths = keep.sum(dim=1)
-    if (lengths == 0).any():
-        raise ValueError("every row needs at least one response token (a label != -100 after the shift)")
+    targets, keep, lengths = response_targets(labels)
     out = top_forward(model, hidden, n_top)[:, :-1]
     logits = model.lm_head(out[keep]).float()  # (response tokens, vocab)
     token_logps = logits.log_softmax(-1).gather(1, targets[keep][:, None]).squeeze(1)

@@ -46,6 +46,7 @@ __all__ = [
     "preferred",
     "prefix_trunk_cache",
     "response_logprobs",
+    "response_targets",
     "simpo_loss",
     "split_snippets",
     "validate_pairs",
@@ -244,6 +245,18 @@ def prefix_trunk_cache(model: nn.Module, prefix_ids: Sequence[int], continuation
 
 # --- log-probabilities of responses ----------------------------------------------------------------
 
+def response_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(targets, keep, lengths)`` of (batch, seq) ``labels``: the tokens each position predicts
+    (``labels[:, 1:]``), which of them are response tokens (not $-100$), and how many per row; a row
+    without a response token is an error (its log-probability would be an empty sum)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    lengths = keep.sum(dim=1)
+    if (lengths == 0).any():
+        raise ValueError("every row needs at least one response token (a label != -100 after the shift)")
+    return targets, keep, lengths
+
+
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logps, lengths)``: per row, $\\sum_t \\log p(y_t \\mid y_{<t})$ over the response tokens and
@@ -255,11 +268,7 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     if input_ids.dim() != 2 or labels.shape != input_ids.shape:
         raise ValueError(f"need input_ids and labels of one shape (batch, seq), got "
                          f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    lengths = keep.sum(dim=1)
-    if (lengths == 0).any():
-        raise ValueError("every row needs at least one response token (a label != -100 after the shift)")
+    targets, keep, lengths = response_targets(labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * keep).sum(dim=1), lengths
