@@ -8,7 +8,8 @@ $$ K_{1:t} = [\\,K_{1:t-1};\\; k_t\\,], \\qquad V_{1:t} = [\\,V_{1:t-1};\\; v_t\
 
 :class:`KVCache` preallocates room for ``max_len`` tokens (no reallocation while generating) and checks
 that it is used with the model and batch size it was made for. :func:`generate` is greedy or sampled
-decoding with it. ``truncate`` rolls the cache back (speculative decoding rejects drafted tokens) and
+decoding with it: the book's one generation loop for our Llama (``use_cache=False`` runs it without a
+cache, as Part 1 does). ``truncate`` rolls the cache back (speculative decoding rejects drafted tokens) and
 ``clone`` copies it (prefix caching: one shared prompt, many continuations).
 """
 from __future__ import annotations
