@@ -74,6 +74,8 @@ def _imports(tree: ast.Module, where: str) -> list[tuple[str, str]]:
             if dotted and dotted.startswith("utils.") and dotted.count(".") == 2:
                 _, module, name = dotted.split(".")
                 found.append((f"utils.{module}", name))
+            elif dotted and dotted.startswith("utils.") and dotted.count(".") == 1:
+                found.append(("utils", dotted.split(".")[1]))  # utils.glue, or a submodule
     return found
 
 
