@@ -152,3 +152,11 @@ def test_generation_errors(model, tokenizer):
     neither = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, chat_template=CHATML)
     with pytest.raises(ValueError, match="neither a pad token nor an eos"):
         chat.generate_replies(model, neither, ["Hi"])
+
+
+def test_without_an_eos_token_the_model_decides_when_to_stop(model, tokenizer):
+    pad_only = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<|im_end|>",
+                                       chat_template=CHATML)
+    assert pad_only.eos_token_id is None
+    ids = [chat.prompt_ids(tokenizer, "Hi")]
+    assert chat.greedy_continuations(model, pad_only, ids, 4) == chat.greedy_continuations(model, tokenizer, ids, 4)

@@ -235,3 +235,19 @@ def test_pipeline_with_the_toolkit_index_and_access_control(model, tokenizer):
     assert "password" not in a.messages[-1]["content"]
     squeezed = rag.compress_context("Are strings immutable?", list(a.sources), 1, embed=bow_embed)
     assert [c.chunk_id for c in squeezed] == ["s#0"] and isinstance(squeezed[0], ToolkitChunk)
+
+
+def test_split_sentences_by_line_and_compress_context_with_a_score():
+    text = "def f(x)\nReturns x. Raises ValueError!  e.g. this"
+    assert rag.split_sentences(text, by_line=True) == ["def f(x)", "Returns x.", "Raises ValueError!",
+                                                       "e.g.", "this"]  # any stop ends a sentence
+    assert rag.split_sentences(text) == ["def f(x) Returns x.", "Raises ValueError!  e.g. this".replace("  ", " ")]
+    with pytest.raises(TypeError, match="string"):
+        rag.split_sentences(None)
+    chunks = ["Lists grow. Dicts map.", "Lists shrink with pop. Cats."]
+    by_len = rag.compress_context("q?", chunks, 2, score=lambda q, sents: [len(s) for s in sents])
+    assert by_len == ["Lists grow.", "Lists shrink with pop."]
+    with pytest.raises(ValueError, match="not both"):
+        rag.compress_context("q?", chunks, 1, embed=bow_embed, score=lambda q, s: [0] * len(s))
+    with pytest.raises(ValueError, match="score returned"):
+        rag.compress_context("q?", chunks, 1, score=lambda q, s: [0.0])
