@@ -62,6 +62,9 @@ def main(executed_dir: str = "_build/executed") -> None:
     _, after = rest.split(END, 1)
     readme.write_text(f"{before}{START}\n{cost_table(ROOT / executed_dir)}\n{END}{after}")
     print(f"updated {readme}")
+    from binder_fit import main as update_binder_list  # intro.md's Binder list follows the new table
+
+    update_binder_list([])
 
 
 if __name__ == "__main__":
