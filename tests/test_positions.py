@@ -106,6 +106,8 @@ def test_rope_rejects_bad_base_input_and_positions():
 
 
 def test_rope_rejects_positions_of_the_wrong_length():
+    with pytest.raises(TypeError, match="positions must be a tensor"):
+        apply_rope(torch.randn(3, 8), [0, 1, 2])
     with pytest.raises(ValueError, match=r"one position per sequence element, e.g. torch.arange\(3\)"):
         apply_rope(torch.randn(2, 3, 8), torch.arange(5))
     with pytest.raises(ValueError, match="do not fit"):
