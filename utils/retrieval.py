@@ -67,6 +67,7 @@ __all__ = [
     "rerank",
     "rrf_fuse",
     "sections_as_chunks",
+    "split_recursive",
     "tokenize",
 ]
 
@@ -220,7 +221,10 @@ RECURSIVE_SEPARATORS: tuple[tuple[re.Pattern, str], ...] = (
 )
 
 
-def _split_recursive(text: str, max_words: int, level: int) -> list[str]:
+def split_recursive(text: str, max_words: int, level: int = 0) -> list[str]:
+    """``text`` cut into pieces of at most ``max_words`` words: at Markdown headings, then blank
+    lines, then sentence ends, then word windows (``level`` is the separator to try first), with
+    neighbouring pieces merged while they fit; the splitter behind :func:`chunk_recursive`."""
     n_words = count_words(text)
     if n_words <= max_words:
         return [text]
@@ -231,10 +235,10 @@ def _split_recursive(text: str, max_words: int, level: int) -> list[str]:
     pattern, joiner = RECURSIVE_SEPARATORS[level]
     parts = [p.strip() for p in pattern.split(text) if p.strip()]
     if len(parts) == 1:
-        return _split_recursive(text, max_words, level + 1)
+        return split_recursive(text, max_words, level + 1)
     merged: list[str] = []  # greedily merge neighbouring pieces while they fit
     merged_words = 0
-    for piece in (q for p in parts for q in _split_recursive(p, max_words, level + 1)):
+    for piece in (q for p in parts for q in split_recursive(p, max_words, level + 1)):
         words = count_words(piece)
         if merged and merged_words + words <= max_words:
             merged[-1] = merged[-1] + joiner + piece
@@ -258,7 +262,7 @@ def chunk_recursive(docs: Iterable[Mapping], max_tokens: int, groups: object = N
         if not d["text"].strip():
             continue
         title, grp = str(d.get("title", "")), _doc_groups(d, groups)
-        for i, text in enumerate(_split_recursive(d["text"].strip(), max_tokens, 0)):
+        for i, text in enumerate(split_recursive(d["text"].strip(), max_tokens, 0)):
             chunks.append(Chunk(f"{d['doc_id']}#{i}", str(d["doc_id"]), text, title, grp))
     return chunks
 
