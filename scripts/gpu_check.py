@@ -2,12 +2,13 @@
 peak GPU memory; then give the intro's cost table its GPU column.
 
     python scripts/gpu_check.py [CHAPTER ...]     # `make gpu-check`; all chapters by default
-    python scripts/gpu_check.py --update-intro    # only rewrite intro.md's GPU column
+    python scripts/gpu_check.py --update-intro    # only rewrite intro.md's GPU column and the cards
 
 Writes ``measurements/gpu-check.json`` and ``measurements/gpu-check.md`` (commit both after a run).
 Peak GPU memory is the most memory the chapter's kernel process held on the GPU, sampled every
 0.2 s from ``nvidia-smi`` (CUDA context and PyTorch's cached blocks included), so it is what the
 reader's GPU must have free. Without that file, intro.md's GPU column says "not yet measured".
+Each chapter's resource card has an "On a GPU" line that this script writes from the same file.
 """
 from __future__ import annotations
 
@@ -135,6 +136,62 @@ def intro_with_gpu_column(text: str, results: dict | None) -> str:
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
+CARD_GPU_LINE = re.compile(r"^- \*\*On a GPU:\*\*.*$", re.MULTILINE)
+_CARD_ANCHOR = re.compile(r"\{glue:text\}`chapter_machine(?::s)?`\.")
+
+
+def card_gpu_line(results: dict | None, chapter: str) -> str:
+    """The resource card's "On a GPU" line of one chapter, from a ``make gpu-check`` run."""
+    rows = {row["chapter"]: row for row in (results or {}).get("chapters", [])}
+    row = rows.get(chapter)
+    if row is None:
+        return ("- **On a GPU:** not yet measured; `make gpu-check` runs every chapter on CUDA "
+                "and writes this line.")
+    where = f"{results['gpu']}, {results['date']}"
+    if not row["passed"]:
+        return f"- **On a GPU:** fails on {where}; see `measurements/gpu-check.md`."
+    return (f"- **On a GPU:** passes in {row['runtime_min']:.1f} minutes with "
+            f"{row['peak_gpu_gib']:.1f} GiB peak GPU memory on {where} (`make gpu-check`).")
+
+
+def card_with_gpu_line(card: str, line: str) -> str:
+    """``card`` (a resource card's Markdown) with its "On a GPU" line set to ``line``."""
+    if CARD_GPU_LINE.search(card):
+        return CARD_GPU_LINE.sub(lambda _: line, card, count=1)
+    anchor = _CARD_ANCHOR.search(card)
+    if anchor is None:
+        raise ValueError("resource card without its measured-cost bullet (ending "
+                         "{glue:text}`chapter_machine`.): add that bullet, then rerun")
+    # the bullet may run on after the glued machine name: the new line goes before the next bullet
+    cut = card.find("\n- ", anchor.end())
+    cut = card.find("\n:::", anchor.end()) if cut < 0 else cut
+    cut = len(card) if cut < 0 else cut
+    return f"{card[:cut]}\n{line}{card[cut:]}"
+
+
+def update_cards(results: dict | None, root: Path = ROOT) -> list[Path]:
+    """Write the "On a GPU" line into every chapter's resource card; returns the changed files."""
+    changed = []
+    for path in sorted(root.glob("chapters/*/*.ipynb")):
+        text = path.read_text(encoding="utf-8")
+        notebook = json.loads(text)
+        chapter = path.relative_to(root).as_posix()
+        for cell in notebook["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "markdown" and "{admonition} Resource card" in source:
+                new = card_with_gpu_line(source, card_gpu_line(results, chapter))
+                cell["source"] = new.splitlines(keepends=True)
+                break
+        else:
+            raise ValueError(f"{chapter} has no resource card (a Markdown cell with "
+                             "':::{admonition} Resource card')")
+        updated = json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+        if updated != text:
+            path.write_text(updated, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
 def update_intro(results: dict | None) -> None:
     text = INTRO.read_text(encoding="utf-8")
     INTRO.write_text(intro_with_gpu_column(text, results), encoding="utf-8")
@@ -143,6 +200,7 @@ def update_intro(results: dict | None) -> None:
 def main(argv: list[str]) -> int:
     if "--update-intro" in argv:
         update_intro(load_results())
+        update_cards(load_results())
         return 0
     every = sorted(ROOT.glob("chapters/*/*.ipynb"))
     chapters = argv or [p.relative_to(ROOT).as_posix() for p in every]
@@ -164,8 +222,9 @@ def main(argv: list[str]) -> int:
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     REPORT.write_text(report(results))
     update_intro(results)
+    update_cards(results)
     print(f"{results['summary']} Wrote {RESULTS.relative_to(ROOT)}, {REPORT.relative_to(ROOT)},"
-          " intro.md's GPU column")
+          " intro.md's GPU column and the resource cards' GPU lines")
     return 0 if passed == len(rows) else 1
 
 

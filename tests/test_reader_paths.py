@@ -266,3 +266,25 @@ def test_intro_gpu_column_is_not_yet_measured_without_a_gpu_run_and_labelled_wit
     intro = (ROOT / "intro.md").read_text()
     assert gpu_check.intro_with_gpu_column(intro, gpu_check.load_results()) == intro, (
         "intro.md's GPU column is stale: run python scripts/gpu_check.py --update-intro")
+
+
+def test_resource_cards_carry_the_gpu_line_written_from_the_gpu_run(tmp_path):
+    gpu_check = _script("gpu_check")
+    card = (":::{admonition} Resource card\n- **Measured cost of this page:** {glue:text}"
+            "`chapter_runtime_min:.1f` minutes, on {glue:text}`chapter_machine`.\n:::")
+    unmeasured = gpu_check.card_with_gpu_line(card, gpu_check.card_gpu_line(None, "c.ipynb"))
+    assert "- **On a GPU:** not yet measured" in unmeasured
+    results = {"gpu": "NVIDIA H200", "date": "2026-12-05", "summary": "",
+               "chapters": [{"chapter": "c.ipynb", "passed": True, "runtime_min": 0.42,
+                             "peak_gpu_gib": 1.26, "log_tail": ""}]}
+    measured = gpu_check.card_with_gpu_line(unmeasured, gpu_check.card_gpu_line(results, "c.ipynb"))
+    assert "passes in 0.4 minutes with 1.3 GiB peak GPU memory on NVIDIA H200" in measured
+    assert measured.count("**On a GPU:**") == 1
+    with pytest.raises(ValueError, match="measured-cost bullet"):
+        gpu_check.card_with_gpu_line(":::{admonition} Resource card\n:::", "- **On a GPU:** x")
+    results = gpu_check.load_results()
+    for path in sorted(ROOT.glob("chapters/*/*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        card = next("".join(c["source"]) for c in cells if "Resource card" in "".join(c["source"]))
+        line = gpu_check.card_gpu_line(results, path.relative_to(ROOT).as_posix())
+        assert line in card, f"{path.name}: run python scripts/gpu_check.py --update-intro"
