@@ -183,7 +183,7 @@ def test_parameter_counts(base):
     theirs = peft_model(base, rank=4, alpha=8)
     assert theirs.get_nb_trainable_parameters() == (expected, total + expected)
     assert trainable_parameter_report(nn.Module())["fraction"] == 0.0
-    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+    with pytest.raises(ValueError, match="rank must be a positive int"):
         lora_parameter_count(8, 8, 0)
 
 

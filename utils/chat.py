@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from utils.checks import check_positive_int
+
 __all__ = [
     "IGNORE_INDEX",
     "chat_ids",
@@ -128,11 +130,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _check_count(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 @torch.inference_mode()
 def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
                          max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
@@ -143,8 +140,8 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence
     (:func:`left_pad`, :func:`pad_token_id`) with an attention mask that hides the padding.
     Generation stops at ``max_new_tokens`` or when every row has produced the end-of-sequence token.
     """
-    _check_count("max_new_tokens", max_new_tokens)
-    _check_count("batch_size", batch_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
     prompts = [list(p) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.checks import check_positive_int
 from utils.measure import count_parameters
 
 __all__ = [
@@ -241,8 +242,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def lora_parameter_count(d_in: int, d_out: int, rank: int, use_dora: bool = False) -> int:
     """Trainable numbers of one LoRA layer: $r (d_{in} + d_{out})$, plus $d_{out}$ magnitudes for DoRA."""
     for name, value in (("d_in", d_in), ("d_out", d_out), ("rank", rank)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_positive_int(name, value)
     return rank * (d_in + d_out) + (d_out if use_dora else 0)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.checks import check_positive_int
 from utils.chat import IGNORE_INDEX
 from utils.hf_llama import prefix_trunk_hidden
 
@@ -111,8 +112,7 @@ def build_pairs(rows: Sequence[dict], kind: str, n_pairs: int, min_gap: float = 
     """
     if kind not in PROMPTS:
         raise ValueError(f"unknown prompt kind {kind!r}; expected one of {sorted(PROMPTS)}")
-    if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 1:
-        raise ValueError(f"n_pairs must be an int >= 1, got {n_pairs!r}")
+    check_positive_int("n_pairs", n_pairs)
     if min_gap < 0:
         raise ValueError(f"min_gap must be >= 0, got {min_gap!r}")
     rows = list(rows)

@@ -48,6 +48,7 @@ from typing import Protocol
 import numpy as np
 from scipy import sparse
 
+from utils.checks import check_positive_int
 from utils.metrics import recall_at_k, reciprocal_rank
 
 __all__ = [
@@ -171,11 +172,6 @@ def _doc_groups(doc: Mapping, groups: object) -> frozenset[str]:
     return _as_groups(doc.get("groups", PUBLIC), f"groups of {doc['doc_id']!r}")
 
 
-def _check_size(name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def sections_as_chunks(records: Iterable[Mapping], groups: object = None) -> list[Chunk]:
     """One chunk per record of :func:`utils.embed.docs_corpus` (or any dicts with ``doc_id``,
     ``text`` and optionally ``title``): ``chunk_id = f"{doc_id}#0"``, ``title`` = the page title.
@@ -195,8 +191,8 @@ def chunk_fixed(docs: Iterable[Mapping], size: int, overlap: int = 0, groups: ob
     the previous one (the last window may be shorter). A window keeps the original text between its
     first and last word, line breaks included. ``groups`` as in :func:`sections_as_chunks`."""
     docs = _check_docs(docs, "chunk_fixed")
-    _check_size("size", size)
-    _check_size("overlap", overlap, minimum=0)
+    check_positive_int("size", size)
+    check_positive_int("overlap", overlap, minimum=0)
     if overlap >= size:
         raise ValueError(f"overlap ({overlap}) must be smaller than size ({size}), or windows never advance")
     chunks = []
@@ -256,7 +252,7 @@ def chunk_recursive(docs: Iterable[Mapping], max_tokens: int, groups: object = N
     merged while they fit. Pieces are stripped and rejoined with a newline (headings), a blank line
     (paragraphs) or a space (sentences). ``groups`` as in :func:`sections_as_chunks`."""
     docs = _check_docs(docs, "chunk_recursive")
-    _check_size("max_tokens", max_tokens)
+    check_positive_int("max_tokens", max_tokens)
     chunks = []
     for d in docs:
         if not d["text"].strip():
@@ -347,7 +343,7 @@ def _check_query(query: object, k: object) -> None:
         raise TypeError(f"query must be a str, got {type(query).__name__}")
     if not query.strip():
         raise ValueError("query is empty or only whitespace: pass the question as text")
-    _check_size("k", k)
+    check_positive_int("k", k)
 
 
 def _check_chunks(chunks: Iterable[Chunk], cls: str) -> list[Chunk]:
@@ -556,7 +552,7 @@ class HybridIndex:
             raise TypeError("HybridIndex takes indexes with a search(query, k, allowed_groups) method")
         if k_rrf < 0:
             raise ValueError(f"k_rrf must be >= 0, got {k_rrf}")
-        _check_size("depth", depth)
+        check_positive_int("depth", depth)
         self.indexes, self.k_rrf, self.depth = indexes, k_rrf, depth
 
     def search(self, query: str, k: int = 10, allowed_groups: Iterable[str] | None = None) -> list[Hit]:
@@ -573,7 +569,7 @@ Scorer = Callable[[str, list[Chunk]], Sequence[float]]
 def rerank(query: str, hits: Sequence[Hit], scorer: Scorer, k: int) -> list[Hit]:
     """Re-order ``hits`` by ``scorer(query, chunks)`` (one score per chunk, higher is better) and keep
     the best ``k``; the new hits carry the scorer's scores and new ranks. Ties keep the old order."""
-    _check_size("k", k)
+    check_positive_int("k", k)
     hits = list(hits)
     if not hits:
         return []
@@ -595,7 +591,7 @@ class RerankedIndex:
             raise TypeError("RerankedIndex takes an index with a search(query, k, allowed_groups) method")
         if not callable(scorer):
             raise TypeError("scorer must be a function (query, chunks) -> one score per chunk")
-        _check_size("candidates", candidates)
+        check_positive_int("candidates", candidates)
         self.index, self.scorer, self.candidates = index, scorer, candidates
 
     def search(self, query: str, k: int = 10, allowed_groups: Iterable[str] | None = None) -> list[Hit]:
@@ -621,7 +617,7 @@ def evaluate_retrieval(index: Index | Callable[[str, int], Sequence[Hit]], quest
     if not ks:
         raise ValueError("ks must name at least one cut-off, e.g. (1, 5, 10)")
     for k in ks:
-        _check_size("every k in ks", k)
+        check_positive_int("every k in ks", k)
     depth = max(ks)
     search = getattr(index, "search", None)
     if search is None and not callable(index):
