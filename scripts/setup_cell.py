@@ -47,7 +47,7 @@ root = next((p for p in candidates if (p / "utils" / "__init__.py").exists()), N
 if root is None:
     raise RuntimeError("Run this notebook in the book's repository (or Colab): utils/ not found.")
 sys.path.insert(0, str(root))
-# utils first, before any library: its filters for harmless import-time warnings then hold everywhere
+# utils first, before any library: its filters for harmless import-time warnings hold everywhere
 import utils  # noqa: E402,F401"""
 
 # Where the repository's owner/name (group "slug") and branch (group "branch") appear in an address.
