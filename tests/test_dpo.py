@@ -2,20 +2,18 @@
 preference metrics, and the TRL DPO-loss wrapper (equal to utils.preference's DPO and IPO losses)."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from utils.dpo import cached_response_logprobs, preference_metrics, trl_dpo_loss, trl_kto_loss
 from utils.finetune import pad_cached, trunk_cache
 from utils.chat import IGNORE_INDEX
 from utils.preference import dpo_loss, ipo_loss, kto_loss, response_logprobs
+from tiny_chatml import tiny_random_llama
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_random_llama(num_hidden_layers=3)
 
 
 def examples() -> list[dict]:

@@ -2,19 +2,17 @@
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from utils.finetune import top_forward
 from utils.hf_llama import (causal_mask, check_n_top, decoder_layers, last_token_top_layer,
                             prefix_trunk_hidden, run_layers, trunk_hidden)
+from tiny_chatml import tiny_random_llama
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_random_llama(num_hidden_layers=3)
 
 
 def test_decoder_layers_and_check_n_top(tiny):

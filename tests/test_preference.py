@@ -13,6 +13,7 @@ from utils.chat import IGNORE_INDEX
 from utils.preference import (PROMPTS, bradley_terry_loss, build_pairs, dpo_loss, ipo_loss, kto_loss,
                               last_token_rewards, orpo_loss, pairwise_accuracy, preferred, prefix_trunk_cache,
                               response_logprobs, simpo_loss, split_snippets, validate_pairs)
+from tiny_chatml import tiny_random_llama
 
 ROWS = [{"id": str(i), "score": s, "text": f"snippet {i}"}
         for i, s in enumerate([-3.0, -2.5, -1.0, -0.2, 0.0, 0.5, 1.2, 2.0, 2.8, 3.5])]
@@ -272,10 +273,7 @@ def test_bradley_terry_equals_trl_reward_trainer(with_margin):
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_random_llama(num_hidden_layers=2)
 
 
 def test_response_logprobs_matches_cross_entropy(tiny):

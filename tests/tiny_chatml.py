@@ -34,3 +34,15 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, num_hidden_layers: int = 2,
                       pad_token_id=tokenizer.pad_token_id,
                       attn_implementation=attn_implementation)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_random_llama(num_hidden_layers: int = 3, vocab_size: int = 50):
+    """A tiny random ``LlamaForCausalLM`` without a tokenizer (pad id 0, seed 0), in eval mode: for the
+    tests that feed it token ids directly."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                      pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
