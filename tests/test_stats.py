@@ -8,6 +8,8 @@ from utils.measure import Timing
 from utils.stats import (
     LEVEL,
     MIN_TIMING_REPEATS,
+    BOOTSTRAP_TIMING_REPEATS,
+    MIN_METRIC_ITEMS,
     Estimate,
     compare_metric,
     compare_times,
@@ -209,3 +211,38 @@ def test_ratio_helpers():
     for bad in (0, -1.0, float("nan"), "fast"):
         with pytest.raises(ValueError, match="ratio"):
             ratio_text(bad)
+
+
+def test_compare_times_with_many_repeats_uses_a_bootstrap_interval_of_the_median_ratio():
+    # 1-09's case: 31 repeats each, 1.6x slower at the median, one slow baseline outlier and one
+    # fast new repeat. The all-pairs range straddles 1 (it would say "within noise"); the
+    # bootstrap interval of the ratio of medians does not.
+    rng = np.random.default_rng(0)
+    base = list(1.0 + rng.normal(0, 0.03, 30)) + [2.0]
+    new = list(1.6 + rng.normal(0, 0.05, 30)) + [0.9]
+    assert min(new) / max(base) < 1 < max(new) / min(base)
+    v = compare_times(new, base)
+    assert v.word == "slower" and v.decided and v.better is False
+    assert 1 < v.estimate.lo < 1.6 < v.estimate.hi < 1.8 and v.estimate.n == 31
+    assert BOOTSTRAP_TIMING_REPEATS == 6
+    tie = compare_times(list(1.0 + rng.normal(0, 0.1, 10)), list(1.0 + rng.normal(0, 0.1, 10)))
+    assert tie.word == "within noise" and tie.estimate.lo < 1 < tie.estimate.hi
+
+
+def test_compare_times_bootstrap_is_reproducible_and_checks_its_arguments():
+    new, base = [0.5 + 0.01 * i for i in range(8)], [1.0 + 0.01 * i for i in range(8)]
+    assert compare_times(new, base).estimate == compare_times(new, base).estimate
+    assert compare_times(new, base).word == "faster"
+    with pytest.raises(ValueError, match="level"):
+        compare_times(new, base, level=1.5)
+    with pytest.raises(ValueError, match="n_boot"):
+        compare_times(new, base, n_boot=10)
+
+
+def test_compare_metric_below_the_minimum_items_gives_an_undecided_direction():
+    v = compare_metric([0.9, 0.8, 0.95], [0.1, 0.2, 0.15], unit="prompts")
+    assert v.word == "higher" and not v.decided and v.better is True
+    assert v.text == "higher by 0.73 (only n = 3 prompts, too few for an interval)"
+    assert v.estimate.n == 3 and MIN_METRIC_ITEMS == 5
+    low = compare_metric([0.1, 0.2, 0.1, 0.2], [0.3, 0.4, 0.3, 0.4], higher_is_better=False)
+    assert low.word == "lower" and low.better is True and "n = 4 items" in low.text

@@ -9,13 +9,24 @@ it), so the prose can never say more than the numbers allow. The decision rules,
   two "cannot be told apart at n = ...". With one item or one seed there is no interval: the text
   says "(single run)".
 - **Times** (:func:`compare_times`): the ratio is ``median(new) / median(base)`` of repeated
-  timings, so a ratio below 1 is a speed-up. Its range is every pairwise ratio of repeats,
-  ``[min(new) / max(base), max(new) / min(base)]``. The verdict is "faster" or "slower" only when
-  that whole range lies on one side of 1, i.e. every repeat of one beat every repeat of the other
-  (with ``MIN_TIMING_REPEATS`` = 3 repeats each, a chance ordering this clean has probability
-  2 / C(6, 3) = 0.1; with 5 each, 0.008); otherwise the times are "within noise". With fewer
-  repeats than that the word is the measured direction and the text says "(single run)" or
-  "(only 2 repeats)".
+  timings, so a ratio below 1 is a speed-up. How sure the direction is depends on how many repeats
+  there are:
+
+  * ``MIN_TIMING_REPEATS`` (3) to ``BOOTSTRAP_TIMING_REPEATS - 1`` (5) repeats each: the range of
+    every pairwise ratio of repeats, ``[min(new) / max(base), max(new) / min(base)]``. "faster" or
+    "slower" only when that whole range lies on one side of 1, i.e. every repeat of one beat every
+    repeat of the other (a chance ordering this clean has probability 2 / C(6, 3) = 0.1 with 3
+    each, 2 / C(10, 5) = 0.008 with 5 each).
+  * ``BOOTSTRAP_TIMING_REPEATS`` (6) or more each: that all-pairs rule would get *stricter* as
+    repeats are added (one slow outlier among 30 vetoes it), so the range is replaced by a bootstrap
+    percentile interval of the ratio of medians at ``LEVEL`` (each side resampled on its own,
+    ``N_BOOT`` times); "faster" or "slower" when that interval excludes 1.
+  * Otherwise the times are "within noise". With fewer than ``MIN_TIMING_REPEATS`` repeats the word
+    is the measured direction and the text says "(single run)" or "(only 2 repeats)".
+
+- **Too few items** (:func:`compare_metric`): below ``MIN_METRIC_ITEMS`` (5) paired items a
+  bootstrap has too few distinct resamples to mean anything, so the word is the measured direction
+  and the text says "(only n = 3 items, too few for an interval)"; ``decided`` is False.
 
 Intervals for a single mean (:func:`mean_ci`, bootstrap) and a single rate (:func:`proportion_ci`,
 Wilson) and the spread of repeated timings (:func:`timing_summary`, median with min-max)
@@ -36,6 +47,8 @@ __all__ = [
     "LEVEL",
     "N_BOOT",
     "MIN_TIMING_REPEATS",
+    "BOOTSTRAP_TIMING_REPEATS",
+    "MIN_METRIC_ITEMS",
     "ratio_text",
     "is_speedup",
     "Estimate",
@@ -57,6 +70,11 @@ N_BOOT = 2000
 """Bootstrap resamples for :func:`mean_ci`, :func:`paired_difference` and :func:`compare_metric`."""
 MIN_TIMING_REPEATS = 3
 """Repeats each side needs before :func:`compare_times` may call a time faster or slower."""
+BOOTSTRAP_TIMING_REPEATS = 6
+"""From this many repeats each, :func:`compare_times` decides by a bootstrap interval of the ratio
+of medians instead of the all-pairs range (which gets stricter, not surer, with more repeats)."""
+MIN_METRIC_ITEMS = 5
+"""Paired items :func:`compare_metric` needs before it gives an interval and a decided verdict."""
 
 _BOOT_CHUNK = 4_000_000  # resampled values held in memory at once
 
@@ -375,12 +393,18 @@ def compare_metric(a: Iterable[float], b: Iterable[float], higher_is_better: boo
     ``mean(a - b)`` excludes 0, else "cannot be told apart". ``.text`` is glue-ready, e.g.
     "higher by 0.079 [0.021, 0.14], n = 24" or "cannot be told apart at n = 24 (difference 0.012
     [-0.031, 0.055])". ``unit`` names what n counts ("questions", "seeds"). ``higher_is_better``
-    only sets ``.better``. With one item each it defers to :func:`single_run`.
+    only sets ``.better``. With one item each it defers to :func:`single_run`; with fewer than
+    ``MIN_METRIC_ITEMS`` it gives the direction of the mean difference, undecided, and says too few.
     """
     a, b = _as_values(a, "a"), _as_values(b, "b")
     diff = paired_difference(a, b, level=level, n_boot=n_boot, seed=seed)
     if diff.n == 1:
         return single_run(float(a[0]), float(b[0]), higher_is_better)
+    if diff.n < MIN_METRIC_ITEMS:
+        noun = unit or "items"
+        verdict = single_run(diff.value, 0.0, higher_is_better,
+                             label=f"only n = {diff.n} {noun}, too few for an interval")
+        return Verdict(verdict.word, verdict.text, diff, decided=False, better=verdict.better)
     n = _n_text(diff.n, unit)
     interval = f"[{_sig(diff.lo)}, {_sig(diff.hi)}]"
     if diff.excludes(0):
@@ -393,21 +417,39 @@ def compare_metric(a: Iterable[float], b: Iterable[float], higher_is_better: boo
     return Verdict(word, text, diff, decided=False, better=None)
 
 
+def _bootstrap_median_ratio(new: np.ndarray, base: np.ndarray, level: float, n_boot: int,
+                            seed: int) -> tuple[float, float]:
+    """Percentile interval of ``median(new*) / median(base*)``, each side resampled on its own."""
+    rng = np.random.default_rng(seed)
+    new_medians = np.median(new[rng.integers(0, new.size, size=(n_boot, new.size))], axis=1)
+    base_medians = np.median(base[rng.integers(0, base.size, size=(n_boot, base.size))], axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(new_medians / base_medians, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def compare_times(new_seconds: Sequence[float] | object, base_seconds: Sequence[float] | object,
-                  ) -> Verdict:
+                  level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Verdict:
     """Compare repeated timings of a new way with a baseline: "faster" / "slower" / "within noise".
 
     Arguments are lists of seconds (or ``utils.measure.Timing``). The ratio is
     ``median(new) / median(base)``, so below 1 is a speed-up; ``.text`` reads "0.59× the time
-    (1.7× faster)", "1.5× the time (slower)" or "0.95× the time (within noise)". The rule (module
-    docstring): a direction only when every pairwise ratio of repeats lies on one side of 1, with at
-    least ``MIN_TIMING_REPEATS`` repeats each.
+    (1.7× faster)", "1.5× the time (slower)" or "0.95× the time (within noise)", and
+    ``.estimate`` holds the ratio with its range. The rule (module docstring): with 3-5 repeats
+    each, a direction only when every pairwise ratio of repeats lies on one side of 1; with
+    ``BOOTSTRAP_TIMING_REPEATS`` or more each, when the bootstrap interval of the ratio of medians
+    at ``level`` excludes 1.
     """
+    _check_level(level)
+    _check_n_boot(n_boot)
     new, base = _times(new_seconds, "new_seconds"), _times(base_seconds, "base_seconds")
     ratio = float(np.median(new) / np.median(base))
-    lo, hi = float(new.min() / base.max()), float(new.max() / base.min())
     n = int(min(new.size, base.size))
-    estimate = Estimate(ratio, lo, hi, n)
+    if n >= BOOTSTRAP_TIMING_REPEATS:
+        lo, hi = _bootstrap_median_ratio(new, base, level, n_boot, seed)
+    else:
+        lo, hi = float(new.min() / base.max()), float(new.max() / base.min())
+    estimate = Estimate(ratio, lo, hi, n, level)
     if n < MIN_TIMING_REPEATS:
         word = "faster" if ratio < 1 else "slower" if ratio > 1 else "within noise"
         note = "single run" if n == 1 else f"only {n} repeats"
