@@ -51,7 +51,9 @@ Retrieval (Part 5)
 - :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences
 - :mod:`utils.kg`        a knowledge graph of rule-extracted triples from the docs, and multi-hop walks
 
-Prompting and agents (Parts 6-8: none yet)
+Prompting and agents (Part 6)
+
+- :mod:`utils.constrained` a regex or JSON schema compiled to a byte automaton; allowed tokens as a logits mask
 
 Distributed (Parts 6-8: none yet)
 
