@@ -246,3 +246,11 @@ def test_compare_metric_below_the_minimum_items_gives_an_undecided_direction():
     assert v.estimate.n == 3 and MIN_METRIC_ITEMS == 5
     low = compare_metric([0.1, 0.2, 0.1, 0.2], [0.3, 0.4, 0.3, 0.4], higher_is_better=False)
     assert low.word == "lower" and low.better is True and "n = 4 items" in low.text
+
+
+def test_ratio_text_never_prints_a_ratio_other_than_one_as_one():
+    assert ratio_text(1.03) == "1.03× the time (slower)"
+    assert ratio_text(0.97) == "0.97× the time (1.03× faster)"
+    assert ratio_text(0.59) == "0.59× the time (1.7× faster)"
+    assert compare_times([1.004, 1.0, 1.01], [1.0, 1.002, 1.001]).text \
+        == "1.00× the time (within noise)"

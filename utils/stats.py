@@ -96,6 +96,12 @@ def _value_text(x: float) -> str:
     return _sig(x, 3)
 
 
+def _ratio_sig(ratio: float) -> str:
+    """Two significant figures, or three where two would print a ratio other than 1 as "1.0"."""
+    text = _sig(ratio)
+    return _sig(ratio, 3) if text in ("1", "1.0") and ratio != 1 else text
+
+
 def ratio_text(ratio: float) -> str:
     """A time ratio read in the right direction: ``0.59`` -> "0.59× the time (1.7× faster)".
 
@@ -104,9 +110,9 @@ def ratio_text(ratio: float) -> str:
     """
     _check_ratio(ratio)
     if ratio < 1:
-        return f"{_sig(ratio)}× the time ({_sig(1 / ratio)}× faster)"
+        return f"{_ratio_sig(ratio)}× the time ({_ratio_sig(1 / ratio)}× faster)"
     if ratio > 1:
-        return f"{_sig(ratio)}× the time (slower)"
+        return f"{_ratio_sig(ratio)}× the time (slower)"
     return "the same time"
 
 
@@ -461,5 +467,5 @@ def compare_times(new_seconds: Sequence[float] | object, base_seconds: Sequence[
         return Verdict("faster", ratio_text(ratio), estimate, decided=True, better=True)
     if lo > 1:
         return Verdict("slower", ratio_text(ratio), estimate, decided=True, better=False)
-    return Verdict("within noise", f"{_sig(ratio)}× the time (within noise)", estimate,
+    return Verdict("within noise", f"{_ratio_sig(ratio)}× the time (within noise)", estimate,
                    decided=False, better=None)
