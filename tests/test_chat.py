@@ -160,3 +160,23 @@ def test_without_an_eos_token_the_model_decides_when_to_stop(model, tokenizer):
     assert pad_only.eos_token_id is None
     ids = [chat.prompt_ids(tokenizer, "Hi")]
     assert chat.greedy_continuations(model, pad_only, ids, 4) == chat.greedy_continuations(model, tokenizer, ids, 4)
+
+
+def test_a_processor_factory_shapes_every_batch(model, tokenizer):
+    forced = tokenizer("Python", add_special_tokens=False).input_ids[0]
+    expected = tokenizer.decode([forced] * 3)
+    made = []
+
+    def factory():
+        def only_forced(input_ids, scores):
+            out = torch.full_like(scores, float("-inf"))
+            out[:, forced] = 0.0
+            return out
+        made.append(only_forced)
+        return only_forced
+
+    prompts = ["What is Python?", "Hi", "The film was dull and bad."]
+    replies = chat.generate_replies(model, tokenizer, prompts, max_new_tokens=3, batch_size=2,
+                                    processor=factory)
+    assert len(made) == 2  # one fresh processor per batch
+    assert expected.strip() and replies == [expected.strip()] * 3, replies

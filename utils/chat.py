@@ -17,7 +17,7 @@ One rule per idea, decided here once:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -132,13 +132,16 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 @torch.inference_mode()
 def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
-                         max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+                         max_new_tokens: int = 48, batch_size: int = 8,
+                         processor: Callable[[], Callable] | None = None) -> list[str]:
     """Greedy continuations of token-id ``prompts``, in the same order, decoded without special
     tokens (not stripped, so that a caller can put text in front first).
 
     Prompts are sorted by length so that a batch holds similar lengths, padded on the LEFT
     (:func:`left_pad`, :func:`pad_token_id`) with an attention mask that hides the padding.
     Generation stops at ``max_new_tokens`` or when every row has produced the end-of-sequence token.
+    ``processor``, if given, makes a fresh logits processor for each batch (e.g.
+    ``lambda: RegexLogitsProcessor(index)`` from :mod:`utils.constrained`), passed to ``generate``.
     """
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("batch_size", batch_size)
@@ -159,9 +162,10 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         input_ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        extra = {} if processor is None else {"logits_processor": [processor()]}
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_id, eos_token_id=eos)
+                             pad_token_id=pad_id, eos_token_id=eos, **extra)
         for i, row in zip(idx, out[:, input_ids.shape[1]:]):
             texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
@@ -170,14 +174,16 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence
 
 def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str | list[dict]],
                      max_new_tokens: int = 48, batch_size: int = 8, system: str | None = None,
-                     assistant_prefix: str = "") -> list[str]:
+                     assistant_prefix: str = "",
+                     processor: Callable[[], Callable] | None = None) -> list[str]:
     """Greedy replies, one per prompt (a user message, or a chat as a list of message dicts), in the
     same order, stripped of surrounding whitespace: :func:`prompt_ids` of each prompt, then
     :func:`greedy_continuations`. With an ``assistant_prefix`` every reply starts with it (the model
-    continues the words put in its mouth)."""
+    continues the words put in its mouth). ``processor``: see :func:`greedy_continuations`."""
     if isinstance(prompts, (str, dict)) or any(isinstance(p, dict) for p in prompts):
         raise TypeError("prompts is a list of prompts (each a str or a list of message dicts); "
                         "wrap a single chat as [messages]")
     ids = [prompt_ids(tokenizer, p, system, assistant_prefix) for p in prompts]
     return [(assistant_prefix + text).strip()
-            for text in greedy_continuations(model, tokenizer, ids, max_new_tokens, batch_size)]
+            for text in greedy_continuations(model, tokenizer, ids, max_new_tokens, batch_size,
+                                             processor)]
