@@ -179,6 +179,17 @@ def test_mask_logits_keeps_only_allowed_tokens():
     assert out[1, 4] == 4.0 and logits.isfinite().all()
     with pytest.raises(ValueError, match="no token is allowed"):
         mask_logits(logits, [])
+    index = TokenIndex(compile_regex("a|b"), {1: b"a", 4: b"b", 5: b"c"}, EOS)
+    mask = index.allowed_mask(0, 6)
+    assert mask.tolist() == [False, True, False, False, True, False]
+    assert index.allowed_mask(0, 6) is mask  # built once per state
+    assert torch.equal(mask_logits(logits, mask), out)
+    with pytest.raises(ValueError, match="width"):
+        mask_logits(logits, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not fit"):
+        index.allowed_mask(0, 3)
+    with pytest.raises(ValueError, match="no token is allowed"):
+        mask_logits(logits, torch.zeros(6, dtype=torch.bool))
 
 
 def test_logits_processor_keeps_a_greedy_loop_in_the_language():

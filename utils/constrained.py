@@ -487,6 +487,7 @@ class TokenIndex:
                 node = node.children.setdefault(b, _TrieNode())
             node.ids.append(i)
         self._cache: dict[int, list[int]] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def allowed(self, state: int) -> list[int]:
         """Sorted ids of the tokens that keep a match possible from ``state`` (plus EOS when
@@ -510,6 +511,20 @@ class TokenIndex:
             self._cache[state] = sorted(found)
         return self._cache[state]
 
+    def allowed_mask(self, state: int, size: int) -> torch.Tensor:
+        """:meth:`allowed` as a boolean tensor of length ``size`` (the model's logits width),
+        built once per state: masking with it costs one ``masked_fill``, not a list conversion."""
+        key = (state, size)
+        if key not in self._masks:
+            allowed = self.allowed(state)
+            if allowed[-1] >= size:
+                raise ValueError(f"token id {allowed[-1]} does not fit logits of width {size}; "
+                                 "pass the model's vocabulary size (logits.shape[-1])")
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[allowed] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
     def next_state(self, state: int, token_id: int) -> int:
         """The state after ``token_id`` (-1 if it was not allowed; EOS keeps the state)."""
         if token_id == self.eos_token_id:
@@ -519,14 +534,23 @@ class TokenIndex:
         return self.dfa.step(state, self.vocab[token_id])
 
 
-def mask_logits(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
-    """``logits`` with every token outside ``allowed`` set to -inf (a new tensor; last dim = vocab)."""
-    if len(allowed) == 0:
+def mask_logits(logits: torch.Tensor, allowed: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``logits`` with every token outside ``allowed`` set to -inf (a new tensor; last dim = vocab).
+
+    ``allowed`` is a list of token ids, or a boolean tensor over the vocabulary
+    (:meth:`TokenIndex.allowed_mask`), which broadcasts over the rows of ``logits``.
+    """
+    if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+        if allowed.shape[-1] != logits.shape[-1]:
+            raise ValueError(f"a boolean mask of width {allowed.shape[-1]} cannot mask logits of "
+                             f"width {logits.shape[-1]}")
+        keep = allowed.to(logits.device)
+    else:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)] = True
+    if not keep.any(dim=-1).all():
         raise ValueError("no token is allowed: the constraint cannot be satisfied from here")
-    keep = torch.full_like(logits, float("-inf"))
-    index = torch.as_tensor(list(allowed), device=logits.device)
-    keep[..., index] = 0.0
-    return logits + keep
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 class RegexLogitsProcessor:
@@ -556,11 +580,11 @@ class RegexLogitsProcessor:
                     done = token == self.index.eos_token_id
                     self.states[row] = -2 if done else self.index.next_state(self.states[row],
                                                                              token)
-        out = scores.clone()
+        masks = torch.ones_like(scores, dtype=torch.bool)
         for row, state in enumerate(self.states):
             if state == -1:
                 raise RuntimeError(f"row {row} left the grammar: was the processor reused across "
                                    "generate calls with different prompts?")
             if state >= 0:
-                out[row] = mask_logits(scores[row], self.index.allowed(state))
-        return out
+                masks[row] = self.index.allowed_mask(state, scores.shape[-1])
+        return mask_logits(scores, masks)
