@@ -21,6 +21,10 @@ it), so the prose can never say more than the numbers allow. The decision rules,
     repeats are added (one slow outlier among 30 vetoes it), so the range is replaced by a bootstrap
     percentile interval of the ratio of medians at ``LEVEL`` (each side resampled on its own,
     ``N_BOOT`` times); "faster" or "slower" when that interval excludes 1.
+  * Both rules treat repeats as independent draws. On a shared machine whose load drifts, time the
+    two ways in alternating rounds (one call of each per round), not in two blocks one after the
+    other: with blocks, a load change between them reads as a confident difference (1-09 once gave
+    "1.4× slower" and then "1.4× faster" on two runs that way).
   * Otherwise the times are "within noise". With fewer than ``MIN_TIMING_REPEATS`` repeats the word
     is the measured direction and the text says "(single run)" or "(only 2 repeats)".
 
