@@ -67,7 +67,7 @@ def test_python_faq(docs):
 
 def test_manifest_matches_files():
     manifest = json.loads((DATA_DIR / "MANIFEST.json").read_text())
-    assert set(manifest["files"]) == {"kjv.tsv.gz", "movie_reviews.tsv",
+    assert set(manifest["files"]) == {"kjv.tsv.gz", "manpages.jsonl.gz", "movie_reviews.tsv",
                                       "python_docs.jsonl.gz", "python_faq.jsonl"}
     for name, entry in manifest["files"].items():
         blob = (DATA_DIR / name).read_bytes()

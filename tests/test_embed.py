@@ -78,3 +78,52 @@ def test_docs_corpus_scopes():
     assert len(faq_ids) >= 179
     with pytest.raises(ValueError, match="narrative"):
         embed.docs_corpus("everything")
+
+
+# ------------------------------------------------------------- man pages and fine-tuning (5-05)
+
+def test_manpages_corpus_and_splits_are_disjoint_and_point_at_their_pages():
+    pages = embed.manpages_corpus()
+    by_id = {p["doc_id"]: p for p in pages}
+    dev, test = embed.manpages_split("dev"), embed.manpages_split("test")
+    assert len(pages) == len(dev) + len(test) == 120 and len(by_id) == len(pages)
+    assert not {q["doc_id"] for q in dev} & {q["doc_id"] for q in test}
+    for q in dev + test:
+        page = by_id[q["doc_id"]]
+        assert q["gold_span"].split("\n\n")[0] in page["text"]
+        assert "## NAME" not in page["text"] and page["path"].endswith(".md")
+        assert 0 <= q["overlap_gold"] <= q["overlap_page"] <= 1
+    with pytest.raises(ValueError, match="split must be"):
+        embed.manpages_split("train")
+
+
+def test_mnrl_loss_is_cross_entropy_over_in_batch_and_hard_negatives():
+    torch.manual_seed(0)
+    q, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    unit = torch.nn.functional.normalize
+    logits = 20.0 * unit(q, dim=-1) @ unit(torch.cat([p, n]), dim=-1).T
+    want = -torch.log_softmax(logits, dim=-1).diagonal().mean()
+    torch.testing.assert_close(embed.mnrl_loss(q, p, n), want)
+    in_batch = 20.0 * unit(q, dim=-1) @ unit(p, dim=-1).T
+    torch.testing.assert_close(embed.mnrl_loss(q, p), -torch.log_softmax(in_batch, -1).diagonal().mean())
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        embed.mnrl_loss(q, p[:2])
+
+
+def test_finetune_embedder_lowers_the_loss_on_its_pairs_and_checks_its_input():
+    model, tokenizer = load_embedder(device="cpu")
+    queries = ["how do I close a file", "how do I open a file", "how do I get the time",
+               "how do I sleep for a while"]
+    positives = ["close() closes a file descriptor", "open() opens the file named by pathname",
+                 "time() returns the time as the number of seconds", "sleep() suspends the thread"]
+    losses = embed.finetune_embedder(model, tokenizer, queries, positives, positives[::-1], epochs=3,
+                                     batch_size=4, lr=5e-5, desc=None)
+    assert len(losses) == 3 and losses[-1] < losses[0] and not model.training
+    assert len(embed.finetune_embedder(model, tokenizer, queries[:3], positives[:3], batch_size=2,
+                                       desc="fine-tuning test")) == 1  # the batch of one is skipped
+    with pytest.raises(ValueError, match="one positive per query"):
+        embed.finetune_embedder(model, tokenizer, queries, positives[:2])
+    with pytest.raises(ValueError, match="one negative per query"):
+        embed.finetune_embedder(model, tokenizer, queries, positives, positives[:1])
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        embed.finetune_embedder(model, tokenizer, queries, positives, batch_size=1)

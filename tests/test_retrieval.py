@@ -391,3 +391,234 @@ def test_evaluate_retrieval_means_over_questions_with_index_or_function():
         evaluate_retrieval(object(), questions)
     with pytest.raises(ValueError, match="'question' and 'doc_id'"):
         evaluate_retrieval(index, [{"q": "x"}])
+
+
+# --------------------------------------------------------- structure-aware loading (chapter 5-05)
+
+MARKDOWN = """# open(2)
+
+Intro line.
+
+## SYNOPSIS
+
+```
+#include <fcntl.h>
+
+int open(const char *pathname, int flags);
+```
+
+## DESCRIPTION
+
+The open() system call opens the file specified by pathname.
+
+### Flags
+
+O_APPEND
+: The file is opened in append mode.
+
+  Before each write, the offset is moved to the end.
+
+O_CLOEXEC
+: Enable the close-on-exec flag.
+
+## ERRORS
+
+EACCES
+: Permission denied.
+"""
+
+
+def test_markdown_sections_keep_heading_paths_entries_and_whole_code_blocks():
+    units = R.markdown_sections(MARKDOWN)
+    paths = [u.path for u in units]
+    assert paths == [("open(2)",), ("open(2)", "SYNOPSIS"), ("open(2)", "DESCRIPTION"),
+                     ("open(2)", "DESCRIPTION", "Flags", "O_APPEND"),
+                     ("open(2)", "DESCRIPTION", "Flags", "O_CLOEXEC"), ("open(2)", "ERRORS", "EACCES")]
+    assert units[1].text.startswith("```") and "#include <fcntl.h>\n\nint open" in units[1].text
+    assert units[3].kind == "entry" and "append mode.\n\nBefore each write" in units[3].text
+    untitled = R.markdown_sections("Just text.\n\n## Part\n\nMore.", title="notes")
+    assert [u.path for u in untitled] == [("notes",), ("notes", "Part")]
+    with pytest.raises(TypeError, match="str"):
+        R.markdown_sections(None)
+
+
+HTML = """<html><head><title>zip docs</title><script>var x = 1;</script></head><body>
+<nav>skip me</nav>
+<h2>Built-in functions<a>¶</a></h2><p>Some <b>intro</b> text.</p>
+<dl class="py class"><dt id="Foo">class Foo<a>¶</a></dt><dd><p>A class.</p>
+  <dl class="py method"><dt>bar()</dt><dd><p>A method.</p><pre>x = 1
+
+y = 2</pre></dd></dl></dd></dl>
+<h3>Notes</h3><ul><li>one</li><li>two</li></ul>
+</body></html>"""
+
+
+def test_html_sections_read_headings_definition_lists_and_pre_blocks():
+    units = R.html_sections(HTML)
+    paths = [u.path for u in units]
+    assert paths == [("zip docs", "Built-in functions"), ("zip docs", "Built-in functions", "class Foo"),
+                     ("zip docs", "Built-in functions", "class Foo", "bar()"),
+                     ("zip docs", "Built-in functions", "Notes")]
+    assert units[0].text == "Some intro text." and "skip me" not in units[0].text
+    assert units[2].kind == "entry" and "```\nx = 1\n\ny = 2\n```" in units[2].text
+    assert "var x" not in " ".join(u.text for u in units)
+    assert units[3].text.split() == ["one", "two"]
+    with pytest.raises(TypeError, match="str"):
+        R.html_sections(3)
+
+
+class WordTokenizer:
+    """A stand-in for a WordPiece tokenizer: one token per word plus [CLS] and [SEP]."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[0] * (len(t.split()) + 2 * add_special_tokens) for t in texts]}
+
+
+def test_chunk_sections_split_at_headings_never_merge_across_them_and_set_headers():
+    doc = {"doc_id": "open.md", "title": "open", "text": MARKDOWN}
+    chunks = R.chunk_sections([doc], max_words=200)
+    assert [c.title for c in chunks] == ["open(2)", "open(2) > SYNOPSIS", "open(2) > DESCRIPTION",
+                                         "open(2) > DESCRIPTION > Flags", "open(2) > ERRORS"]
+    flags = chunks[3]
+    assert flags.text.startswith("O_APPEND\nThe file") and "O_CLOEXEC\nEnable" in flags.text
+    assert all(c.doc_id == "open.md" for c in chunks) and chunks[0].chunk_id == "open.md#0.0"
+    separate = R.chunk_sections([doc], max_words=200, merge_entries=False)
+    assert separate[3].title == "open(2) > DESCRIPTION > Flags > O_APPEND"
+    assert [c.title for c in R.chunk_sections([doc], headers="page")] == ["open(2)"] * 5
+    assert {c.title for c in R.chunk_sections([doc], headers="none")} == {""}
+    small = R.chunk_sections([doc], max_words=5)
+    assert max(R.count_words(c.text) for c in small if "```" not in c.text) <= 5
+    html = R.chunk_sections([{"doc_id": "page.html", "text": HTML}])
+    assert html[0].title == "zip docs > Built-in functions"
+    assert R.chunk_sections([{"doc_id": "x", "text": HTML}], format="html")[0].title == html[0].title
+
+
+def test_chunk_sections_with_a_tokenizer_never_leaves_a_chunk_the_embedder_truncates():
+    long_text = "# T\n\n## S\n\n" + " ".join(f"w{i}." for i in range(300)) + "\n\n```\n" + \
+        "\n".join(f"line {i} of code" for i in range(60)) + "\n```\n"
+    doc = {"doc_id": "d.md", "text": long_text}
+    tok = WordTokenizer()
+    loose = R.chunk_sections([doc], max_words=400)
+    assert R.overlong_chunks(loose, tok, max_tokens=50)
+    fitted = R.chunk_sections([doc], max_words=400, max_tokens=50, tokenizer=tok)
+    assert not R.overlong_chunks(fitted, tok, max_tokens=50)
+    assert " ".join(c.text for c in fitted).count("w299.") == 1
+    assert R.overlong_chunks([], tok) == []
+    with pytest.raises(ValueError, match="together"):
+        R.chunk_sections([doc], max_tokens=50)
+    with pytest.raises(ValueError, match="headers"):
+        R.chunk_sections([doc], headers="yes")
+    with pytest.raises(ValueError, match="format"):
+        R.chunk_sections([doc], format="pdf")
+    with pytest.raises(ValueError, match="heading path alone"):
+        R.chunk_sections([{"doc_id": "d", "text": "# " + "long " * 60 + "\n\nword"}],
+                         max_tokens=10, tokenizer=tok)
+
+
+def test_dense_index_warns_or_raises_on_chunks_longer_than_the_embedder_reads():
+    long = [Chunk("a#0", "a", "word " * 300), Chunk("b#0", "b", "short")]
+    embed = bag_embedder()
+
+    class Model:  # never called: embeddings come from the fake embed_texts below
+        pass
+
+    import utils.embed as E
+    original = E.embed_texts
+    try:
+        E.embed_texts = lambda texts, **kw: embed(texts)
+        with pytest.warns(UserWarning, match="1 of 2 chunks are longer than max_length=256"):
+            index = DenseIndex(long, model=Model(), tokenizer=WordTokenizer(), embed_query=embed)
+        assert index.n_overlong == 1
+        with pytest.raises(ValueError, match="longer than"):
+            DenseIndex(long, model=Model(), tokenizer=WordTokenizer(), on_overlong="error")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            DenseIndex(long, model=Model(), tokenizer=WordTokenizer(), on_overlong="ignore")
+    finally:
+        E.embed_texts = original
+    with pytest.raises(ValueError, match="on_overlong"):
+        DenseIndex(long, on_overlong="maybe")
+
+
+# ---------------------------------------------------------------------------------------- fusion
+
+def test_weighted_fuse_min_max_normalises_each_list_and_weights_them():
+    a, b, c = (Chunk(f"{x}#0", x, x) for x in "abc")
+    lexical = [Hit(a, 10.0, 1), Hit(b, 5.0, 2), Hit(c, 0.0, 3)]
+    semantic = [Hit(c, 0.9, 1), Hit(b, 0.8, 2)]
+    fused = R.weighted_fuse([lexical, semantic], weights=(0.5, 0.5))
+    assert [h.chunk.chunk_id for h in fused] == ["a#0", "c#0", "b#0"]  # a, c tie: first seen first
+    assert fused[0].score == pytest.approx(0.5 * 1.0) and fused[1].score == pytest.approx(0.5 * 1.0)
+    assert fused[2].score == pytest.approx(0.5 * 0.5 + 0.5 * 0.0)
+    assert R.weighted_fuse([[Hit(a, 3.0, 1), Hit(b, 3.0, 2)]])[1].score == 1.0  # flat list -> 1
+    assert R.weighted_fuse([[], semantic], k=1)[0].chunk.chunk_id == "c#0"
+    weighted = rrf_fuse([lexical, semantic], k_rrf=0, weights=(1.0, 3.0))
+    assert weighted[0].chunk.chunk_id == "c#0" and weighted[0].score == pytest.approx(1 / 3 + 3 / 1)
+    with pytest.raises(ValueError, match="one weight per retriever"):
+        R.weighted_fuse([lexical], weights=(1, 2))
+    with pytest.raises(ValueError, match="not all 0"):
+        R.weighted_fuse([lexical], weights=(0,))
+
+
+def test_hybrid_index_weighted_method_and_recommended_index():
+    chunks = chunks_of()
+    bm25, dn = BM25Index(chunks), dense(chunks)
+    hybrid = HybridIndex([bm25, dn], depth=4, method="weighted", weights=(0.3, 0.7))
+    query = "Why are strings immutable?"
+    want = R.weighted_fuse([bm25.search(query, k=4), dn.search(query, k=4)], (0.3, 0.7), 2)
+    assert [h.chunk.chunk_id for h in hybrid.search(query, k=2)] == [h.chunk.chunk_id for h in want]
+    with pytest.raises(ValueError, match="method"):
+        HybridIndex([bm25], method="sum")
+    embed = bag_embedder()
+    default = R.recommended_index(chunks, embed([embedding_text(c) for c in chunks]), embed_query=embed)
+    assert default.method == R.DEFAULT_FUSION["method"] and len(default.indexes) == 2
+    assert default.search(query, k=1)[0].chunk.doc_id == "strings"
+
+
+# ---------------------------------------------------------------------- passage-level evaluation
+
+def test_evaluate_retrieval_scores_passages_when_questions_name_them_and_says_so():
+    chunks = [Chunk("p#0", "p", "Intro about the page and nothing else at all here."),
+              Chunk("p#1", "p", "The open call opens the file named by pathname and returns a descriptor."),
+              Chunk("q#0", "q", "Other page: the close call closes a file descriptor.")]
+    index = BM25Index(chunks)
+    span = "The open call opens the file named by pathname and returns a descriptor."
+    by_span = [{"question": "page intro pathname", "doc_id": "p", "gold_span": span}]
+    passage = evaluate_retrieval(index, by_span, ks=(1, 2))
+    document = evaluate_retrieval(index, by_span, ks=(1, 2), level="document")
+    assert passage.level == "passage" and document.level == "document"
+    assert passage["recall@1"] == 0.0 and passage["recall@2"] == 1.0 and document["recall@1"] == 1.0
+    assert passage.per_question["MRR"] == [0.5] and passage.n == 1
+    assert "passage level, n = 1" in repr(passage)
+    by_id = evaluate_retrieval(index, [{"question": "open file pathname", "passage_ids": ["p#1"]}])
+    assert by_id.level == "passage" and by_id["recall@1"] == 1.0
+    assert R.first_relevant_ranks(index, by_span, depth=1) == [None]
+    assert R.is_relevant(chunks[1], by_span[0]) and not R.is_relevant(chunks[0], by_span[0])
+    assert R.is_relevant(chunks[0], by_span[0], level="document")
+    assert R.is_relevant(chunks[1], {"question": "x", "passage_ids": "p#1"})
+    short = {"question": "x", "gold_span": "open call"}  # shorter than SPAN_MATCH_TOKENS: whole span
+    assert R.is_relevant(chunks[1], short) and not R.is_relevant(chunks[2], short)
+    with pytest.raises(ValueError, match="needs 'passage_ids' or 'gold_span'"):
+        evaluate_retrieval(index, [{"question": "x", "doc_id": "p"}], level="passage")
+    with pytest.raises(ValueError, match="level must be"):
+        evaluate_retrieval(index, by_span, level="chunk")
+    with pytest.raises(ValueError, match="for level='document'"):
+        evaluate_retrieval(index, [{"question": "x", "gold_span": span}], level="document")
+    with pytest.raises(ValueError, match="no word tokens"):
+        R.is_relevant(chunks[0], {"question": "x", "gold_span": "..."})
+    with pytest.raises(ValueError, match="no questions"):
+        R.first_relevant_ranks(index, [])
+    with pytest.raises(TypeError, match="search"):
+        R.first_relevant_ranks(object(), by_span)
+
+
+def test_prompts_around_retrieval():
+    chunk = Chunk("a#0", "a", "word " * 100, title="open(2) > DESCRIPTION")
+    prompt = R.doc2query_prompt(chunk, max_words=10)
+    assert prompt.startswith("open(2) > DESCRIPTION\n" + "word " * 9 + "word\n\n")
+    assert "question" in prompt and "manual page" in R.hyde_prompt("q", "a manual page")
+    assert R.multiquery_prompt("close a file").endswith("close a file")
+    assert set(R.QUERY_PREFIXES) == {"doc2query", "hyde", "multiquery"}
+    for bad in (lambda: R.hyde_prompt(" "), lambda: R.multiquery_prompt("")):
+        with pytest.raises(ValueError, match="non-empty"):
+            bad()
