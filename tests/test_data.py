@@ -68,7 +68,8 @@ def test_python_faq(docs):
 def test_manifest_matches_files():
     manifest = json.loads((DATA_DIR / "MANIFEST.json").read_text())
     assert set(manifest["files"]) == {"kjv.tsv.gz", "manpages.jsonl.gz", "movie_reviews.tsv",
-                                      "python_docs.jsonl.gz", "python_faq.jsonl"}
+                                      "python_docs.jsonl.gz", "python_faq.jsonl",
+                                      "retrieval_generations.jsonl.gz"}
     for name, entry in manifest["files"].items():
         blob = (DATA_DIR / name).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == entry["sha256"], name

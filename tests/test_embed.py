@@ -127,3 +127,14 @@ def test_finetune_embedder_lowers_the_loss_on_its_pairs_and_checks_its_input():
         embed.finetune_embedder(model, tokenizer, queries, positives, positives[:1])
     with pytest.raises(ValueError, match="batch_size >= 2"):
         embed.finetune_embedder(model, tokenizer, queries, positives, batch_size=1)
+
+
+def test_retrieval_generations_cover_every_test_question_and_check_their_arguments():
+    hyde = embed.retrieval_generations("hyde", "manpages")
+    assert {r["key"] for r in hyde} == {q["question"] for q in embed.manpages_split("test")}
+    d2q = embed.retrieval_generations("doc2query", "faq")
+    assert d2q and all(r["output"].startswith("How do I") and r["input"] for r in d2q)
+    with pytest.raises(ValueError, match="kind"):
+        embed.retrieval_generations("summary", "faq")
+    with pytest.raises(ValueError, match="corpus"):
+        embed.retrieval_generations("hyde", "kjv")
