@@ -43,9 +43,10 @@ Inference (Parts 1 and 4)
 
 Retrieval (Part 5)
 
-- :mod:`utils.embed`     cached sentence embeddings and the documentation corpus Part 5 searches
+- :mod:`utils.embed`     cached sentence embeddings, the two corpora Part 5 searches, MNRL fine-tuning
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
-- :mod:`utils.retrieval` the retrieval toolkit: chunking, BM25, dense and hybrid indexes, reranking, evaluation
+- :mod:`utils.retrieval` the retrieval toolkit: structure-aware chunking, BM25, dense, fused indexes, reranking,
+  passage-level evaluation
 - :mod:`utils.rag`       grounded prompts with numbered sources, citations, sentence splitting, compression
 - :mod:`utils.rag_advanced` corrective retrieval: a chunk grader and the context it passes on
 - :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences
