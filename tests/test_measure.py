@@ -4,6 +4,7 @@ import torch
 from utils.measure import (
     Timing,
     benchmark,
+    benchmark_interleaved,
     count_parameters,
     describe_machine,
     peak_memory_bytes,
@@ -18,6 +19,50 @@ def test_benchmark_calls_warmup_plus_repeats_and_reports_the_median():
     assert len(timing.times_s) == 4
     assert timing.min_s <= timing.median_s
     assert "4 repeats" in repr(timing)
+
+
+def test_benchmark_interleaved_alternates_the_order_every_round():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b"),
+             "c": lambda: order.append("c")}
+    timings = benchmark_interleaved(calls, rounds=3, warmup=1)
+    assert order[:3] == ["a", "b", "c"]  # one warm-up call each
+    assert order[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert list(timings) == ["a", "b", "c"]
+    assert all(len(t.times_s) == 3 for t in timings.values())
+
+
+def test_benchmark_interleaved_shares_a_drift_between_sides():
+    # A machine that slows down a third of the way in: timed in blocks, x would look ~4x faster.
+    clock = {"calls": 0}
+
+    def work():
+        clock["calls"] += 1
+        total = 0
+        for i in range(2000 if clock["calls"] <= 12 else 8000):
+            total += i
+        return total
+
+    timings = benchmark_interleaved({"x": work, "y": work}, rounds=18, warmup=0)
+    ratio = timings["x"].median_s / timings["y"].median_s
+    assert 0.5 < ratio < 2.0
+
+
+def test_benchmark_interleaved_with_a_progress_bar(capsys):
+    timings = benchmark_interleaved({"a": lambda: None}, rounds=2, warmup=0, progress=True)
+    assert len(timings["a"].times_s) == 2
+
+
+@pytest.mark.parametrize("calls, error", [({}, ValueError), ([lambda: None], ValueError),
+                                          ({"a": 42}, TypeError)])
+def test_benchmark_interleaved_rejects_bad_calls(calls, error):
+    with pytest.raises(error, match="mapping|callable"):
+        benchmark_interleaved(calls)
+
+
+def test_benchmark_interleaved_rejects_bad_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        benchmark_interleaved({"a": lambda: None}, rounds=0)
 
 
 def test_timing_median_of_known_values():

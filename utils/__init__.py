@@ -61,7 +61,7 @@ Distributed (Parts 6-8: none yet)
 Book infrastructure (every part)
 
 - :mod:`utils.book`      showing source, glueing numbers into prose, progress bars, plot style
-- :mod:`utils.measure`   median timings, peak memory, parameter counts, the machine's name
+- :mod:`utils.measure`   median and interleaved timings, peak memory, parameter counts, the machine's name
 - :mod:`utils.stats`     intervals and the verdict words for every comparison
 - :mod:`utils.metrics`   answer metrics (exact match, token F1, containment) and retrieval metrics (recall@k, MRR)
 - :mod:`utils.repro`     seeds and device selection
@@ -103,13 +103,15 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from utils.book import ChapterClock, glue, progress, show_source, use_book_style
-from utils.measure import benchmark, count_parameters, describe_machine, peak_memory_bytes
+from utils.measure import (benchmark, benchmark_interleaved, count_parameters, describe_machine,
+                           peak_memory_bytes)
 from utils.models import load_embedder, load_llm, mean_pool
 from utils.repro import get_device, seed_everything
 
 __all__ = [
     "ChapterClock",
     "benchmark",
+    "benchmark_interleaved",
     "count_parameters",
     "describe_machine",
     "get_device",

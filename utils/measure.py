@@ -2,6 +2,13 @@
 
 Timings are reported as the median of repeats and never asserted: a chapter prints them in
 a table (usually as a ratio measured in one run), where the reader sees them.
+
+To *compare* ways of doing one thing, time them with :func:`benchmark_interleaved`, not with one
+:func:`benchmark` block after another. On a shared machine the load drifts over seconds; timed in
+blocks, a drift lands on one side only and can flip a verdict (chapter 1-09 read "1.4x slower" on
+one run and "1.4x faster" on the next). Interleaved, round ``r`` calls every function once, in the
+listed order on even rounds and reversed on odd ones, so a drift (and any favour to going first)
+hits every side alike; :func:`utils.stats.compare_times` then treats the repeats as exchangeable.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -25,6 +32,7 @@ from utils.checks import check_positive_int
 __all__ = [
     "Timing",
     "benchmark",
+    "benchmark_interleaved",
     "peak_memory_bytes",
     "process_peak_rss_bytes",
     "count_parameters",
@@ -81,6 +89,54 @@ def benchmark(
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return Timing(times)
+
+
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def benchmark_interleaved(
+    calls: Mapping[_Key, Callable[[], object]],
+    *,
+    rounds: int = 15,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[_Key, Timing]:
+    """Time several ways of doing one thing in alternating rounds: ``{key: Timing}``.
+
+    Every function is first called ``warmup`` times untimed; then each of ``rounds`` rounds
+    times one call of every function, in the order of ``calls`` on even rounds and in reverse
+    on odd rounds (A B C, C B A, ...). A change of load during the measurement therefore
+    reaches every side alike, which timing one block after another cannot promise (module
+    docstring). Use 6 or more rounds when the timings go to :func:`utils.stats.compare_times`:
+    from 6 repeats it decides by a bootstrap interval of the ratio of medians.
+    """
+    check_positive_int("rounds", rounds)
+    check_positive_int("warmup", warmup, minimum=0)
+    if not isinstance(calls, Mapping) or len(calls) == 0:
+        raise ValueError("calls must be a non-empty mapping {name: function}, e.g. "
+                         "{'ours': lambda: f(x), 'library': lambda: g(x)}")
+    for key, fn in calls.items():
+        if not callable(fn):
+            raise TypeError(f"calls[{key!r}] must be callable, got {type(fn).__name__}")
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    keys = list(calls)
+    times: dict[_Key, list[float]] = {key: [] for key in keys}
+    round_iter: Iterator[int] | range = range(rounds)
+    if progress:
+        from utils.book import progress as _progress_bar  # book imports measure: import late
+
+        round_iter = iter(_progress_bar(range(rounds), desc="timing rounds"))
+    for r in round_iter:
+        for key in keys if r % 2 == 0 else reversed(keys):
+            _synchronize(device)
+            start = time.perf_counter()
+            calls[key]()
+            _synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: Timing(times[key]) for key in keys}
 
 
 @contextlib.contextmanager
