@@ -9,6 +9,11 @@ Sources (pinned; a changed pin changes the bytes, and MANIFEST.json records it):
 * Debian ``bible-kjv`` + ``bible-kjv-text`` -> ``data/kjv.tsv.gz``
 * PyPI sdist ``vaderSentiment`` -> ``data/movie_reviews.tsv``
 * Debian ``python3.11-doc`` -> ``data/python_docs.jsonl.gz`` and ``data/python_faq.jsonl``
+* Debian ``manpages-dev`` -> ``data/manpages.jsonl.gz`` (by ``scripts/build_manpages.py``, called
+  from here)
+* ``data/retrieval_generations.jsonl.gz`` is SmolLM2's output, not a registry file: regenerate it
+  with ``scripts/build_retrieval_generations.py`` (minutes of LLM time); this script only records
+  the shipped file in the manifest and README, so a rebuild never drops it.
 
 Everything is downloaded into a temporary folder (``apt-get download`` +
 ``dpkg -x`` for Debian packages, ``pip download --no-binary :all:`` for the
@@ -452,6 +457,13 @@ def main() -> None:
     readme = README.format(table=table, kjv_ver=DEBIAN_PINS["bible-kjv"],
                            vader_ver=PYPI_PIN[1], doc_ver=DEBIAN_PINS["python3.11-doc"])
     (DATA_DIR / "README.md").write_text(readme, encoding="utf-8")
+    # The two files with their own builders append their manifest entries and README sections.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import build_manpages  # noqa: E402 -- a sibling script
+    import build_retrieval_generations  # noqa: E402 -- a sibling script (imports torch)
+
+    build_manpages.main()
+    build_retrieval_generations.record_in_manifest()
     total = sum(p.stat().st_size for p in DATA_DIR.iterdir() if p.is_file())
     print(f"wrote data/MANIFEST.json and data/README.md; data/ is {total:,} bytes")
 
