@@ -74,7 +74,8 @@ def test_tool_and_registry_checks():
 
 def test_system_prompt_styles(registry):
     compact = tools_system_prompt(registry)
-    assert "calculator(expression: string)" in compact and TOOL_CALL_OPEN in compact
+    assert "calculator(expression: string) - " in compact and TOOL_CALL_OPEN in compact
+    assert "to_unit: like from_unit" in compact and "date: YYYY-MM-DD" in compact
     full = tools_system_prompt(registry, style="json", note=TOOL_RESULT_NOTE)
     assert json.dumps(registry.schemas()[0]) in full and full.endswith(TOOL_RESULT_NOTE)
     assert len(compact) < len(full)

@@ -178,11 +178,17 @@ class ToolRegistry:
 
 def _signature(tool: Tool) -> str:
     props = tool.parameters.get("properties", {})
-    args = []
+    args, seen = [], {}
     for name, sub in props.items():
-        kind = "|".join(json.dumps(v) for v in sub["enum"]) if "enum" in sub else sub.get("type", "any")
+        kind = sub.get("type", "any")
+        if "enum" in sub:
+            key = json.dumps(sub["enum"])
+            kind = f"like {seen[key]}" if key in seen else "|".join(map(str, sub["enum"]))
+            seen.setdefault(key, name)
+        elif sub.get("format") == "date":
+            kind = "YYYY-MM-DD"
         args.append(f"{name}: {kind}")
-    return f"{tool.name}({', '.join(args)}): {tool.description}"
+    return f"{tool.name}({', '.join(args)}) - {tool.description}"
 
 
 def tools_system_prompt(registry: ToolRegistry, style: str = "compact",
@@ -191,8 +197,9 @@ def tools_system_prompt(registry: ToolRegistry, style: str = "compact",
 
     ``style="json"`` lists each tool's full schema (:meth:`ToolRegistry.schemas`, one JSON object a
     line, between ``<tools>`` tags, as Hermes-style templates do); ``"compact"`` writes one line
-    per tool, ``name(arg: type, ...): description`` -- about a quarter of the tokens, which matters
-    on a CPU. ``note`` (e.g. :data:`TOOL_RESULT_NOTE`) is appended as a last paragraph.
+    per tool, ``name(arg: type, ...) - description`` (an enum as ``a|b|c``, or ``like x`` when it
+    repeats argument ``x``'s values; a date as ``YYYY-MM-DD``) -- far fewer tokens, which matters on
+    a CPU. ``note`` (e.g. :data:`TOOL_RESULT_NOTE`) is appended as a last paragraph.
     """
     if style == "json":
         listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in registry.schemas())
@@ -562,7 +569,7 @@ def docs_search_tool(index=None, k: int = 3, max_chars: int = 300, name: str = "
     schema = {"type": "object", "properties": {"query": {"type": "string", "minLength": 1,
                                                          "maxLength": 80}},
               "required": ["query"], "additionalProperties": False}
-    return Tool(name, "search the Python documentation; returns the best matching sections",
+    return Tool(name, "search the Python documentation",
                 schema, search_docs, timeout_s)
 
 
@@ -579,16 +586,16 @@ def standard_tools(docs_index=None, include_docs: bool = True) -> ToolRegistry:
     and (with ``include_docs``) ``search_docs`` over ``docs_index`` (default: BM25 over the Python
     docs, see :func:`docs_search_tool`)."""
     tools = [
-        Tool("calculator", "evaluate an arithmetic expression with + - * / // % ** and brackets",
+        Tool("calculator", "evaluate arithmetic: numbers, + - * / // % ** and brackets",
              _object({"expression": {"type": "string", "minLength": 1, "maxLength": 60}}),
              calculator),
-        Tool("convert_units", "convert a length, mass or temperature between units",
+        Tool("convert_units", "convert a length, mass or temperature",
              _object({"value": {"type": "number"},
                       "from_unit": {"enum": list(UNITS)}, "to_unit": {"enum": list(UNITS)}}),
              convert_units),
-        Tool("days_between", "count the days from one date to another (YYYY-MM-DD)",
+        Tool("days_between", "the number of days from start to end",
              _object({"start": _DATE_SCHEMA, "end": _DATE_SCHEMA}), days_between),
-        Tool("weekday", "the day of the week of a date (YYYY-MM-DD)",
+        Tool("weekday", "the day of the week of a date",
              _object({"date": _DATE_SCHEMA}), weekday),
     ]
     if include_docs:
