@@ -47,6 +47,7 @@ Retrieval (Part 5)
 - :mod:`utils.vectors`   exact top-k, int8 and binary embedding quantization, truncation, MMR
 - :mod:`utils.retrieval` the retrieval toolkit: structure-aware chunking, BM25, dense, fused indexes, reranking,
   passage-level evaluation
+- :mod:`utils.reranker`  a small cross-encoder reranker cut from MiniLM, hard-negative groups, its training
 - :mod:`utils.rag`       grounded prompts with numbered sources, citations, sentence splitting, compression
 - :mod:`utils.rag_advanced` corrective retrieval: a chunk grader and the context it passes on
 - :mod:`utils.rag_safety` access control audits, PII masking, prompt-injection defences
