@@ -9,7 +9,7 @@ Grounded answers against a gold passage (Part 5)
     - :func:`normalize_tokens`: word tokens with citation markers ``[n]`` removed, optionally without
       :data:`STOPWORDS`; :func:`uncited_token_f1`: token F1 on those tokens;
     - :func:`containment` (precision side: how much of the answer the passage backs),
-      :func:`key_terms` and :func:`key_term_recall` (recall side), :func:`contains_answer`.
+      :func:`key_terms` and :func:`key_term_recall` (recall side).
 
 Retrieval against a gold document
     - :func:`recall_at_k`, :func:`reciprocal_rank` (per question; ``hits`` have ``.chunk.doc_id``, as
@@ -30,7 +30,6 @@ __all__ = [
     "STOPWORDS",
     "containment",
     "contains",
-    "contains_answer",
     "exact_match",
     "key_term_recall",
     "key_terms",
@@ -151,14 +150,6 @@ def containment(prediction: str, gold: str, question: str | None = None) -> floa
         return 0.0
     backed = set(normalize_tokens(gold, drop_stopwords=True))
     return sum(w in backed for w in words) / len(words)
-
-
-def contains_answer(prediction: str, gold: str, question: str | None = None,
-                    threshold: float = 0.5) -> bool:
-    """True when :func:`containment` is at least ``threshold`` (most of the answer is in the gold)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    return containment(prediction, gold, question) >= threshold
 
 
 def key_terms(gold: str, question: str | None = None, n: int = 10) -> list[str]:
