@@ -55,7 +55,10 @@ Retrieval (Part 5)
 
 Prompting and agents (Part 6)
 
+- :mod:`utils.prompting` few-shot prompts, label scores from a cached prefix, calibration, self-consistency
 - :mod:`utils.constrained` a regex or JSON schema compiled to a byte automaton; allowed tokens as a logits mask
+- :mod:`utils.tools`     tools as an allow-list: the call format, parsing, validated execution, injection defences
+- :mod:`utils.agent`     a tool-using agent loop with a step budget, reflection, voting, a failure taxonomy
 
 Distributed (Parts 6-8: none yet)
 
