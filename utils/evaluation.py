@@ -434,8 +434,6 @@ def kappa_ci(a: Sequence[Hashable], b: Sequence[Hashable], level: float = LEVEL,
     value = cohens_kappa(a, b)
     codes_a, codes_b, n_labels = _label_codes(a, b)
     n = codes_a.size
-    if n == 1:
-        return Estimate(value, value, value, 1, level)
     rng = np.random.default_rng(seed)
     cells = n_labels * n_labels
     kappas = []
