@@ -181,7 +181,8 @@ def test_sample_group_masks_after_eos_and_scores_each_completion():
         seen.append(ids)
         return float(ids.count(3))
 
-    g = sample_group(model, [1, 2], 8, 6, verifier, eos_token_id=4, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    g = sample_group(model, [1, 2], 8, 6, verifier, eos_token_id=4, generator=gen)
     assert isinstance(g, Group) and g.tokens.shape[0] == 8 and g.completions.shape == g.mask.shape
     for row, m, ids, r in zip(g.completions, g.mask, seen, g.rewards):
         n = int(m.sum())
@@ -206,6 +207,11 @@ def test_sample_group_masks_after_eos_and_scores_each_completion():
 # returns our log-probabilities, so TRL and we see the same numbers.
 
 trl = pytest.importorskip("trl")
+pytestmark = [  # transformers 5 warns about its own renamed arguments while TRL builds the trainer
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 TOL = dict(rtol=1e-12, atol=1e-12)  # float64 in both: only summation order may differ
 
 
@@ -257,7 +263,8 @@ def trl_loss(trainer, logp, old, ref, mask, adv, beta, num_items=None):
     # set by Trainer's training loop, which we skip
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     B, T = mask.shape
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+    prompt = torch.ones(B, 2, dtype=torch.long)
+    inputs = {"prompt_ids": prompt, "prompt_mask": prompt,
               "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
               "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
               "num_items_in_batch": mask.sum() if num_items is None else torch.tensor(num_items)}

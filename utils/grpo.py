@@ -123,8 +123,10 @@ def sample_group(model: nn.Module, prompt_ids: list[int], group_size: int, max_n
     completions = tokens[:, len(prompt_ids):]
     T = completions.shape[1]
     # first EOS position (T if none); mask_t = 1 for t <= that position
-    is_eos = completions == eos_token_id if eos_token_id is not None else torch.zeros_like(completions,
-                                                                                          dtype=torch.bool)
+    if eos_token_id is None:
+        is_eos = torch.zeros_like(completions, dtype=torch.bool)
+    else:
+        is_eos = completions == eos_token_id
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(completions[:, 0], T))
     mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).float()
     lengths = mask.sum(1).long().tolist()
@@ -144,10 +146,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, baseline: str = "me
     $s$ their standard deviation (with Bessel's correction, divisor $G-1$, as TRL computes it):
 
     $$A_i = \\frac{r_i - b_i}{\\sigma + \\varepsilon}, \\qquad
-    b_i = \\begin{cases} \\bar r & \\text{``mean'' (GRPO, Dr. GRPO)} \\\\
-    \\frac{1}{G-1}\\sum_{j \\ne i} r_j & \\text{``leave_one_out'' (RLOO)} \\end{cases}, \\qquad
-    \\sigma = \\begin{cases} s & \\text{``group'' (GRPO)} \\\\ \\text{std of the whole batch} &
-    \\text{``batch''} \\\\ \\text{no division} & \\text{``none'' (Dr. GRPO, RLOO)} \\end{cases}$$
+    b_i = \\begin{cases} \\bar r & \\texttt{mean} \\text{ (GRPO, Dr. GRPO)} \\\\
+    \\frac{1}{G-1}\\sum_{j \\ne i} r_j & \\texttt{leave\\_one\\_out} \\text{ (RLOO)} \\end{cases},
+    \\qquad \\sigma = \\begin{cases} s & \\texttt{group} \\text{ (GRPO)} \\\\
+    s \\text{ of the whole batch} & \\texttt{batch} \\\\
+    \\text{no division} & \\texttt{none} \\text{ (Dr. GRPO, RLOO)} \\end{cases}$$
 
     ``eps`` = 1e-4 is TRL's. A group whose rewards are all equal gets advantage 0 (nothing to learn
     from it). The leave-one-out advantage is the mean one times $G/(G-1)$:
@@ -168,7 +171,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, baseline: str = "me
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards must be finite: score unscorable completions (e.g. 0) before this")
     r = rewards.float() if not rewards.is_floating_point() else rewards
-    grouped = r.view(-1, G)                                               # (prompts, G)
+    grouped = r.reshape(-1, G)                                            # (prompts, G)
     if baseline == "mean":
         b = grouped.mean(1, keepdim=True).expand_as(grouped)              # b_i = mean_j r_j
     else:
@@ -299,7 +302,7 @@ def grpo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
 
     $$\\ell_{i,t} = -\\min\\big(\\rho_{i,t} A_i,\\ \\mathrm{clip}(\\rho_{i,t}, 1-\\epsilon,
     1+\\epsilon_{high}) A_i\\big) + \\beta\\, w_{i,t}\\, k_3(\\pi_\\theta, \\pi_{ref})_{i,t}, \\qquad
-    w_{i,t} = \\begin{cases} \\rho_{i,t} & \\text{use\\_bias\\_correction\\_kl (TRL's default)} \\\\
+    w_{i,t} = \\begin{cases} \\rho_{i,t} & \\texttt{use\\_bias\\_correction\\_kl} \\text{ (TRL)} \\\\
     1 & \\text{otherwise (the GRPO paper)} \\end{cases}$$
 
     (:func:`clipped_surrogate`, :func:`k3_kl`), averaged over the real tokens as ``loss_type`` says
