@@ -222,12 +222,15 @@ def tiny(tmp_path_factory):
     return tok, tiny_llama(tok, num_hidden_layers=1), tmp_path_factory.mktemp("grpo")
 
 
+L_MAX = 6  # the generation limit; the loss tests' completions are 4 wide, so dr_grpo's constant shows
+
+
 def trl_trainer(tiny, cls="GRPO", G=4, **config):
     from datasets import Dataset
     tok, model, out = tiny
     Config, Trainer = getattr(trl, f"{cls}Config"), getattr(trl, f"{cls}Trainer")
     args = Config(output_dir=str(out), per_device_train_batch_size=G, num_generations=G,
-                  max_completion_length=4, report_to="none", use_cpu=True, save_strategy="no", **config)
+                  max_completion_length=L_MAX, report_to="none", use_cpu=True, save_strategy="no", **config)
     ds = Dataset.from_dict({"prompt": ["a b"], "reward": [0.0]})
     trainer = Trainer(model=model, reward_funcs=lambda completions, reward, **kw: reward, args=args,
                       train_dataset=ds, processing_class=tok)
@@ -286,7 +289,7 @@ def test_loss_equals_trl(tiny, loss_type, beta, correction):
 
     logp = logp.clone().requires_grad_()
     ours = grpo_loss(logp, adv, mask, old, ref, beta=beta, epsilon=0.2, epsilon_high=eps_high,
-                     loss_type=loss_type, max_completion_length=4, use_bias_correction_kl=correction)
+                     loss_type=loss_type, max_completion_length=L_MAX, use_bias_correction_kl=correction)
     ours.loss.backward()
     torch.testing.assert_close(ours.loss, theirs, **TOL)
     torch.testing.assert_close(logp.grad, their_grad, **TOL)
