@@ -60,7 +60,12 @@ Prompting and agents (Part 6)
 - :mod:`utils.tools`     tools as an allow-list: the call format, parsing, validated execution, injection defences
 - :mod:`utils.agent`     a tool-using agent loop with a step budget, reflection, voting, a failure taxonomy
 
-Distributed (Parts 6-8: none yet)
+Evaluation and reasoning (Part 7: modules first, chapters to come)
+
+- :mod:`utils.evaluation` log-likelihood multiple choice as lm-eval scores it, pass@k, n-gram contamination, kappa
+- :mod:`utils.grpo`      GRPO from scratch: group advantages (GRPO, Dr. GRPO, RLOO), k3 KL, TRL's four loss types
+
+Distributed (Part 8: none yet)
 
 Book infrastructure (every part)
 
