@@ -155,6 +155,15 @@ def test_greedy_paths_equal_generate(model, tokenizer):
     assert stopped == [[[]]]
 
 
+def test_finished_rows_leave_the_batch(model, tokenizer):
+    prefix, suffixes = _same_length_suffixes(tokenizer)
+    free = sample_paths(model, prefix, suffixes, max_new_tokens=8)
+    eos = free[0][0][2]  # row 0 stops after two tokens; row 1 goes on until it meets eos, if ever
+    stopped = sample_paths(model, prefix, suffixes, max_new_tokens=8, eos_token_id=eos)
+    expected = [p[0][:p[0].index(eos)] if eos in p[0] else p[0] for p in free]
+    assert [p[0] for p in stopped] == expected
+
+
 def test_sampled_paths_are_reproducible(model, tokenizer):
     prefix, suffixes = _same_length_suffixes(tokenizer)
 

@@ -252,7 +252,9 @@ def sample_paths(model: nn.Module, prefix_ids: Sequence[int], suffixes: Sequence
     ``temperature=None`` is greedy (argmax; ``n`` copies would be identical, so use ``n=1``); a
     number samples each token from ``softmax(process_logits(z, temperature, top_p=top_p))`` with
     ``generator``. The prefix runs once and its cache is shared; all suffixes must have one length
-    (no padding is needed then). ``batch_size`` counts rows (suffixes times ``n``).
+    (no padding is needed then). A row that emits ``eos_token_id`` leaves the batch (its cache rows
+    are dropped), so a few long paths do not make every row pay for their length. ``batch_size``
+    counts rows (suffixes times ``n``).
     """
     n = check_positive_int("n", n)
     check_positive_int("max_new_tokens", max_new_tokens)
@@ -275,8 +277,8 @@ def sample_paths(model: nn.Module, prefix_ids: Sequence[int], suffixes: Sequence
         idx = rows[start:start + batch_size]
         ids = torch.tensor([list(suffixes[i]) for i in idx], device=device)
         past = _expanded(cache, len(idx))
-        tokens = torch.empty(len(idx), 0, dtype=torch.long, device=device)
-        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        tokens: list[list[int]] = [[] for _ in idx]
+        alive = list(range(len(idx)))  # rows still generating; finished rows leave the batch
         for _ in range(max_new_tokens):
             out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
             logits, past = out.logits[:, -1].float(), out.past_key_values
@@ -285,14 +287,18 @@ def sample_paths(model: nn.Module, prefix_ids: Sequence[int], suffixes: Sequence
             else:
                 probs = process_logits(logits, temperature, None, top_p).softmax(dim=-1)
                 ids = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat([tokens, ids], dim=1)
-            if eos_token_id is not None:
-                done |= ids[:, 0] == eos_token_id
-                if done.all():
-                    break
-        for i, row in zip(idx, tokens.tolist()):
-            if eos_token_id is not None and eos_token_id in row:
-                row = row[:row.index(eos_token_id)]
+            keep = []
+            for j, (row, token) in enumerate(zip(alive, ids[:, 0].tolist())):
+                if token == eos_token_id:
+                    continue
+                tokens[row].append(token)
+                keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                past.batch_select_indices(torch.tensor(keep, device=device))
+                ids, alive = ids[keep], [alive[j] for j in keep]
+        for i, row in zip(idx, tokens):
             paths[i].append(row)
     model.train(was_training)
     return paths
