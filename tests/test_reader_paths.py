@@ -72,6 +72,7 @@ def imported_modules() -> dict[str, set[str]]:
 
 def test_colab_installs_every_directly_imported_distribution_at_the_book_version():
     required, colab = _pins(ROOT / "requirements.txt"), _pins(ROOT / "requirements-colab.txt")
+    colab |= _pins(ROOT / "requirements-assets.txt")  # colab_setup.sh installs these --no-deps
     distributions = packages_distributions()
     problems = []
     for module, files in sorted(imported_modules().items()):
