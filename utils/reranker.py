@@ -78,6 +78,10 @@ class CrossEncoder(torch.nn.Module):
         hidden = self.encoder(**batch).last_hidden_state
         return self.head(mean_pool(hidden, batch["attention_mask"])).squeeze(-1)
 
+    def clear_cache(self) -> None:
+        """Forget every remembered pair score (training changes the scores)."""
+        self._cache.clear()
+
     def scorer(self, batch_size: int = 32, cache: bool = True) -> Callable[[str, list[Chunk]],
                                                                           list[float]]:
         """The reranking function ``(query, chunks) -> scores`` for :class:`RerankedIndex`.
@@ -162,7 +166,7 @@ def train_cross_encoder(model: CrossEncoder, groups: Sequence[Group], *, epochs:
         epoch_iter = progress_bar(range(epochs), desc="cross-encoder epochs")
     losses: list[float] = []
     model.train()
-    model._cache.clear()
+    model.clear_cache()
     device = model.head.weight.device
     for _ in epoch_iter:
         order = rng.sample(list(groups), len(groups))
