@@ -1,5 +1,5 @@
 """Tests of utils.agent: the loop, reflection, voting and the failure taxonomy with a scripted fake
-model (no LLM), and ChatGenerator's prefix cache on a tiny random Llama."""
+model (no LLM). The real model path (utils.chat.ChatGenerator) is tested in test_chat.py."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +7,11 @@ import torch
 from tiny_chatml import chatml_tokenizer, tiny_llama
 
 from utils.agent import (FAILURE_KINDS, REFLECTION_STEPS, AgentRun, AgentStep, AgentTask,
-                         ChatGenerator, Check, answers_match, classify_failure, extract_answer,
-                         grounded_checker, majority_vote, reflect, run_agents,
+                         Check, answers_match, classify_failure, extract_answer,
+                         grounded_checker, reflect, run_agents,
                          self_critique_checker, step_regex, step_runs)
-from utils.chat import generate_replies
-from utils.constrained import TokenIndex, compile_regex, vocabulary_bytes
+from utils.constrained import compile_regex
+from utils.prompting import majority_vote
 from utils.tools import Tool, ToolRegistry, format_tool_call, standard_tools
 
 CHAIN = AgentTask("a0", "Compute 12 * 7, then subtract 15 from the result.", "69",
@@ -62,11 +62,12 @@ def test_answers_match(answer, gold, same):
     assert answers_match(answer, gold) is same
 
 
-def test_majority_vote():
-    assert majority_vote(["3", "4", "4.0", None]) == "4"
-    assert majority_vote(["a", "b"]) == "a"  # a tie goes to the first
-    assert majority_vote([None, None]) is None
-    assert majority_vote([]) is None
+def test_majority_vote_with_answers_match():
+    assert majority_vote(["3", "4", "4.0", None], same=answers_match) == "4"
+    assert majority_vote(["3", "4", "4.0", None]) == "3"  # without it, "4" and "4.0" differ
+    assert majority_vote(["a", "b"], same=answers_match) == "a"  # a tie goes to the first
+    assert majority_vote([None, None], same=answers_match) is None
+    assert majority_vote([], same=answers_match) is None
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -201,44 +202,6 @@ def test_step_regex(registry):
     assert not dfa.matches("Answer: ") and not dfa.matches("Answer: 123456789")
     with pytest.raises(ValueError, match="answer_chars"):
         step_regex(registry, 0)
-
-
-CORPUS = ["Compute 12 * 7, then answer. Answer: 42 yes no", "user assistant system tool",
-          "You are an agent. Call tools."] * 5
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = chatml_tokenizer(CORPUS)
-    return tiny_llama(tok, num_hidden_layers=2, max_position_embeddings=256), tok
-
-
-def test_chat_generator_greedy_equals_generate_replies(tiny):
-    model, tok = tiny
-    chats = [[*PROMPT, {"role": "user", "content": q}] for q in ["Compute 12", "answer yes now",
-                                                                  "no"]]
-    gen = ChatGenerator(model, tok, max_new_tokens=6, batch_size=2)
-    want = generate_replies(model, tok, chats, max_new_tokens=6, batch_size=3)
-    assert gen(chats) == want
-    assert gen(chats) == want  # the kept prefix cache is copied, not consumed
-    assert gen([]) == []
-    assert gen.count_tokens("Compute 12") == len(tok("Compute 12")["input_ids"])
-    one = ChatGenerator(model, tok, max_new_tokens=6)
-    assert one(chats[:1]) == want[:1]  # one chat: all but its last token shared
-
-
-def test_chat_generator_constrained_and_sampled(tiny):
-    model, tok = tiny
-    index = TokenIndex(compile_regex("yes|no"), vocabulary_bytes(tok), tok.eos_token_id)
-    chats = [[*PROMPT, {"role": "user", "content": q}] for q in ["Compute 12", "tool"]]
-    assert set(ChatGenerator(model, tok, 4, index=index)(chats)) <= {"yes", "no"}
-    torch.manual_seed(0)
-    sampled = ChatGenerator(model, tok, 4, index=index, temperature=1.5)(chats * 4)
-    assert set(sampled) <= {"yes", "no"}
-    with pytest.raises(ValueError, match="temperature"):
-        ChatGenerator(model, tok, temperature=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        ChatGenerator(model, tok, max_new_tokens=0)
 
 
 def test_tool_with_a_dataclass_step():

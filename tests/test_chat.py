@@ -5,6 +5,7 @@ from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from utils import chat
+from utils.constrained import TokenIndex, compile_regex, vocabulary_bytes
 
 CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
           "The film was dull and bad: negative.", "user assistant system You are a helpful assistant.",
@@ -180,3 +181,67 @@ def test_a_processor_factory_shapes_every_batch(model, tokenizer):
                                     processor=factory)
     assert len(made) == 2  # one fresh processor per batch
     assert expected.strip() and replies == [expected.strip()] * 3, replies
+
+
+# --------------------------------------------------------------------- a shared prefix, run once
+
+SYSTEM = [{"role": "system", "content": "You are a helpful assistant."}]
+
+
+def test_prefix_cache_and_repeat_cache(model, tokenizer):
+    ids = chat.prompt_ids(tokenizer, "What is Python?")
+    cache = chat.prefix_cache(model, ids[:5])
+    two = chat.repeat_cache(cache, 2)
+    assert two.get_seq_length() == 5 and cache.get_seq_length() == 5
+    rest = torch.tensor([ids[5:]] * 2)
+    with torch.no_grad():
+        split = model(input_ids=rest, past_key_values=two).logits[:, -1]
+        whole = model(input_ids=torch.tensor([ids])).logits[:, -1]
+    torch.testing.assert_close(split, whole.expand(2, -1))
+    with pytest.raises(ValueError, match="non-empty prefix_ids"):
+        chat.prefix_cache(model, [])
+    with pytest.raises(ValueError, match="rows"):
+        chat.repeat_cache(cache, 0)
+
+
+def test_chat_generator_greedy_equals_generate_replies(model, tokenizer):
+    chats = [[*SYSTEM, {"role": "user", "content": q}]
+             for q in ["What is Python?", "a positive review", "bad"]]
+    gen = chat.ChatGenerator(model, tokenizer, max_new_tokens=6, batch_size=2)
+    want = chat.generate_replies(model, tokenizer, chats, max_new_tokens=6, batch_size=3)
+    assert gen(chats) == want
+    assert gen(chats) == want  # the kept prefix cache is copied, not consumed
+    assert gen([]) == []
+    assert gen.count_tokens("What is") == len(tokenizer("What is")["input_ids"])
+    one = chat.ChatGenerator(model, tokenizer, max_new_tokens=6)
+    assert one(chats[:1]) == want[:1]  # one chat: all but its last token shared
+    model.train()
+    gen(chats[:1])
+    assert model.training  # the mode is restored
+    model.eval()
+
+
+def test_chat_generator_runs_the_prefix_again_after_the_weights_change(tokenizer):
+    model = tiny_llama(tokenizer, num_hidden_layers=2, max_position_embeddings=256)
+    chats = [[*SYSTEM, {"role": "user", "content": q}] for q in ["What is Python?", "bad"]]
+    gen = chat.ChatGenerator(model, tokenizer, max_new_tokens=5)
+    before = gen(chats)
+    with torch.no_grad():
+        for p in model.model.layers[0].parameters():
+            p.mul_(-3.0)  # an in-place change, as an optimiser step makes
+    after = gen(chats)
+    assert after == chat.generate_replies(model, tokenizer, chats, max_new_tokens=5)
+    assert after != before
+
+
+def test_chat_generator_constrained_and_sampled(model, tokenizer):
+    index = TokenIndex(compile_regex("yes|no"), vocabulary_bytes(tokenizer), tokenizer.eos_token_id)
+    chats = [[*SYSTEM, {"role": "user", "content": q}] for q in ["What is Python?", "bad"]]
+    assert set(chat.ChatGenerator(model, tokenizer, 4, index=index)(chats)) <= {"yes", "no"}
+    torch.manual_seed(0)
+    sampled = chat.ChatGenerator(model, tokenizer, 4, index=index, temperature=1.5)(chats * 4)
+    assert set(sampled) <= {"yes", "no"}
+    with pytest.raises(ValueError, match="temperature"):
+        chat.ChatGenerator(model, tokenizer, temperature=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        chat.ChatGenerator(model, tokenizer, max_new_tokens=0)

@@ -7,7 +7,7 @@ model answers or its step budget runs out. Every piece is small and model-agnost
 
 - **The model** is any callable ``generate(chats) -> replies`` that maps a list of chats (each a
   list of ``{"role", "content"}`` messages) to one reply each, so the loop is tested with a scripted
-  fake. :class:`ChatGenerator` is the real one: a Hugging Face causal LM, greedy or sampled,
+  fake. :class:`utils.chat.ChatGenerator` is the real one: a Hugging Face causal LM, greedy or sampled,
   optionally under a token mask (:mod:`utils.constrained`), batched, with the prompt prefix that
   every chat of a call shares (system prompt and examples) prefilled once and its cache reused.
 - **The loop** (:func:`run_agents`) runs many tasks in lock step, one batched model call per step.
@@ -18,7 +18,8 @@ model answers or its step budget runs out. Every piece is small and model-agnost
   (a user message); the run then continues with :data:`REFLECTION_STEPS` more model calls.
   :func:`grounded_checker` is an external checker -- it compares the answer with what the tools
   returned, never with the gold answer; :func:`self_critique_checker` asks the model itself.
-- **Voting**: :func:`majority_vote` over the answers of independent sampled runs.
+- **Voting**: :func:`utils.prompting.majority_vote` with ``same=answers_match`` over the answers of
+  independent sampled runs (equal numbers count as one answer).
 - **Scoring and failures**: :func:`answers_match` (numbers compared as numbers) and
   :func:`classify_failure`, which puts every run into one class of :data:`FAILURE_KINDS`, computed
   from the transcript and the task's expected tools and intermediate results.
@@ -33,9 +34,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from utils.chat import pad_token_id, prompt_ids
 from utils.checks import check_positive_int
 from utils.tools import (ToolCall, ToolCallError, ToolRegistry, ToolResult, parse_tool_call,
                          run_tool, tool_call_regex, tool_message)
@@ -47,13 +45,11 @@ __all__ = [
     "AgentRun",
     "AgentStep",
     "AgentTask",
-    "ChatGenerator",
     "Check",
     "answers_match",
     "classify_failure",
     "extract_answer",
     "grounded_checker",
-    "majority_vote",
     "reflect",
     "run_agents",
     "self_critique_checker",
@@ -194,25 +190,7 @@ def _observed(value: Any, target: str) -> bool:
     return _norm(target) in _norm(str(value))
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent answer, ``None`` answers left out; answers that :func:`answers_match`
-    each other count as one (``"52"`` and ``"52.0"``); a tie goes to the answer seen first."""
-    groups: list[list[str]] = []
-    for answer in answers:
-        if answer is None:
-            continue
-        for group in groups:
-            if answers_match(answer, group[0]) and answers_match(group[0], answer):
-                group.append(answer)
-                break
-        else:
-            groups.append([answer])
-    if not groups:
-        return None
-    return max(groups, key=len)[0]  # max keeps the first of equal lengths
-
-
-# ============================================================================ the model
+# ============================================================================ the reply's language
 
 
 def step_regex(registry: ToolRegistry, answer_chars: int = 30) -> str:
@@ -221,86 +199,6 @@ def step_regex(registry: ToolRegistry, answer_chars: int = 30) -> str:
     1 to ``answer_chars`` characters on one line."""
     check_positive_int("answer_chars", answer_chars)
     return f"{tool_call_regex(registry)}|Answer: [^\\n<]{{1,{answer_chars}}}"
-
-
-class ChatGenerator:
-    """Replies of a Hugging Face chat model to a batch of chats: a :data:`Generate` callable.
-
-    Greedy when ``temperature`` is None, else sampled at that temperature (no top-k or top-p), from
-    torch's global generator (seed it once). ``index`` (a :class:`utils.constrained.TokenIndex`)
-    constrains every reply to its language. Chats are rendered with the chat template; the longest
-    token prefix that all chats of a call share (system prompt, examples) is prefilled once, its
-    key/value cache kept for later calls with the same prefix and copied for each batch, and every
-    row's own suffix is padded in the middle (attention mask 0), so that positions and greedy output
-    are those of a plain left-padded ``generate``. :meth:`count_tokens` counts a text's tokens.
-    """
-
-    def __init__(self, model, tokenizer, max_new_tokens: int = 40, index=None,
-                 temperature: float | None = None, batch_size: int = 16):
-        check_positive_int("max_new_tokens", max_new_tokens)
-        check_positive_int("batch_size", batch_size)
-        if temperature is not None and not (isinstance(temperature, (int, float))
-                                            and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0 or None (greedy), got "
-                             f"{temperature!r}")
-        self.model, self.tokenizer, self.index = model, tokenizer, index
-        self.max_new_tokens, self.temperature, self.batch_size = (max_new_tokens, temperature,
-                                                                  batch_size)
-        self._prefix: tuple[tuple[int, ...], Any] | None = None
-
-    def count_tokens(self, text: str) -> int:
-        """The number of tokens of ``text`` (no special tokens added)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    @torch.inference_mode()
-    def _prefix_cache(self, prefix: list[int]):
-        key = tuple(prefix)
-        if self._prefix is None or self._prefix[0] != key:
-            device = next(self.model.parameters()).device
-            out = self.model(torch.tensor([prefix], device=device), use_cache=True)
-            self._prefix = (key, out.past_key_values)
-        return copy.deepcopy(self._prefix[1])
-
-    def _options(self) -> dict:
-        if self.temperature is None:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": float(self.temperature), "top_k": 0,
-                "top_p": 1.0}
-
-    @torch.inference_mode()
-    def __call__(self, chats: list[Chat]) -> list[str]:
-        if not chats:
-            return []
-        ids = [prompt_ids(self.tokenizer, chat) for chat in chats]
-        shared = 0  # the shared prefix, leaving every row at least one token of its own
-        while shared < min(map(len, ids)) - 1 and all(r[shared] == ids[0][shared] for r in ids):
-            shared += 1
-        prefix, pad = ids[0][:shared], pad_token_id(self.tokenizer)
-        device = next(self.model.parameters()).device
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        replies = [""] * len(ids)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            suffixes = [ids[i][shared:] for i in rows]
-            width = max(map(len, suffixes))
-            input_ids = torch.tensor([prefix + [pad] * (width - len(s)) + s for s in suffixes])
-            mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s)
-                                 for s in suffixes])
-            extra = {}
-            if shared:
-                cache = self._prefix_cache(prefix)
-                cache.batch_repeat_interleave(len(rows))
-                extra["past_key_values"] = cache
-            if self.index is not None:
-                from utils.constrained import RegexLogitsProcessor
-                extra["logits_processor"] = [RegexLogitsProcessor(self.index)]
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=self.max_new_tokens, num_beams=1,
-                                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-                                      **self._options(), **extra)
-            for i, row in zip(rows, out[:, input_ids.shape[1]:]):
-                replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-        return replies
 
 
 # ============================================================================ the loop

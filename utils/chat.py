@@ -13,11 +13,18 @@ One rule per idea, decided here once:
   pads prompts on the left, so every row's next token follows its own last token.
 - **Generation.** :func:`greedy_continuations` (token-id prompts) and :func:`generate_replies`
   (chat prompts): greedy, batched, left-padded, stopping at the end-of-sequence token.
+- **A shared prefix, run once.** :func:`prefix_cache` runs a prompt prefix once and keeps its
+  key/value cache; :func:`repeat_cache` copies it for a batch of rows. :class:`ChatGenerator` uses
+  both to reply to many chats that share a system prompt or examples (greedy or sampled, optionally
+  under a token mask); :mod:`utils.prompting` and :mod:`utils.hf_llama` use them to score or encode
+  many suffixes after one prefix.
 - :data:`IGNORE_INDEX`: the label that cross-entropy (ours and transformers') skips.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,15 +33,18 @@ from utils.checks import check_positive_int
 
 __all__ = [
     "IGNORE_INDEX",
+    "ChatGenerator",
     "chat_ids",
     "generate_replies",
     "greedy_continuations",
     "left_pad",
     "messages",
     "pad_token_id",
+    "prefix_cache",
     "prompt_ids",
     "prompt_tokens",
     "render_prompt",
+    "repeat_cache",
 ]
 
 IGNORE_INDEX = -100  # label value that cross-entropy (ours and transformers') skips
@@ -187,3 +197,117 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str | list[d
     return [(assistant_prefix + text).strip()
             for text in greedy_continuations(model, tokenizer, ids, max_new_tokens, batch_size,
                                              processor)]
+
+
+# ============================================================================ a shared prefix, run once
+
+
+@torch.inference_mode()
+def prefix_cache(model: nn.Module, prefix_ids: Sequence[int]) -> Any:
+    """The key/value cache of ``prefix_ids`` (one row) after one forward pass of ``model``.
+
+    Many prompts that start with the same tokens (a system prompt, few-shot examples) need those
+    tokens' keys and values only once: copy this cache for each batch (:func:`repeat_cache`) and run
+    only each row's own suffix, at positions ``len(prefix_ids), ...``. Only the last position's logits
+    are computed (``logits_to_keep=1``).
+    """
+    prefix = list(prefix_ids)
+    if not prefix:
+        raise ValueError("prefix_cache needs a non-empty prefix_ids")
+    device = next(model.parameters()).device
+    ids = torch.tensor([prefix], device=device)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def repeat_cache(cache: Any, rows: int) -> Any:
+    """A copy of a one-row ``transformers`` cache with its row repeated ``rows`` times (the original
+    is left untouched, so it can be reused for the next batch)."""
+    check_positive_int("rows", rows)
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(rows)
+    return copied
+
+
+class ChatGenerator:
+    """Replies of a Hugging Face chat model to a batch of chats: ``generate(chats) -> replies``.
+
+    Greedy when ``temperature`` is None, else sampled at that temperature (no top-k or top-p), from
+    torch's global generator (seed it once). ``index`` (a :class:`utils.constrained.TokenIndex`)
+    constrains every reply to its language. Chats are rendered with the chat template
+    (:func:`prompt_ids`); the longest token prefix that all chats of a call share (system prompt,
+    examples) is prefilled once (:func:`prefix_cache`), its cache kept for later calls with the same
+    prefix and the same weights (a training step or ``load_state_dict`` in between makes it run the
+    prefix again) and copied for each batch (:func:`repeat_cache`); every row's own suffix is padded in
+    the middle (attention mask 0), so that positions and greedy output are those of a plain
+    left-padded ``generate`` (:func:`generate_replies`). :meth:`count_tokens` counts a text's tokens.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_new_tokens: int = 40, index=None,
+                 temperature: float | None = None, batch_size: int = 16):
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("batch_size", batch_size)
+        if temperature is not None and not (isinstance(temperature, (int, float))
+                                            and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0 or None (greedy), got "
+                             f"{temperature!r}")
+        self.model, self.tokenizer, self.index = model, tokenizer, index
+        self.max_new_tokens, self.temperature, self.batch_size = (max_new_tokens, temperature,
+                                                                  batch_size)
+        self._prefix: tuple[tuple, Any] | None = None
+
+    def count_tokens(self, text: str) -> int:
+        """The number of tokens of ``text`` (no special tokens added)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _weights_version(self) -> tuple[int, ...]:
+        # torch counts in-place changes of every tensor (an optimiser step, load_state_dict), so a
+        # kept prefix cache is never reused after the weights it was computed with have changed
+        return tuple(p._version for p in self.model.parameters())
+
+    def _cache(self, prefix: list[int], rows: int) -> Any:
+        key = (tuple(prefix), self._weights_version())
+        if self._prefix is None or self._prefix[0] != key:
+            self._prefix = (key, prefix_cache(self.model, prefix))
+        return repeat_cache(self._prefix[1], rows)
+
+    def _options(self) -> dict:
+        if self.temperature is None:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": float(self.temperature), "top_k": 0,
+                "top_p": 1.0}
+
+    @torch.inference_mode()
+    def __call__(self, chats: list[list[dict]]) -> list[str]:
+        if not chats:
+            return []
+        ids = [prompt_ids(self.tokenizer, chat) for chat in chats]
+        shared = 0  # the shared prefix, leaving every row at least one token of its own
+        while shared < min(map(len, ids)) - 1 and all(r[shared] == ids[0][shared] for r in ids):
+            shared += 1
+        prefix, pad = ids[0][:shared], pad_token_id(self.tokenizer)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        replies = [""] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            suffixes = [ids[i][shared:] for i in rows]
+            width = max(map(len, suffixes))
+            input_ids = torch.tensor([prefix + [pad] * (width - len(s)) + s for s in suffixes])
+            mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s)
+                                 for s in suffixes])
+            extra = {}
+            if shared:
+                extra["past_key_values"] = self._cache(prefix, len(rows))
+            if self.index is not None:
+                from utils.constrained import RegexLogitsProcessor
+                extra["logits_processor"] = [RegexLogitsProcessor(self.index)]
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=self.max_new_tokens, num_beams=1,
+                                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+                                      **self._options(), **extra)
+            for i, row in zip(rows, out[:, input_ids.shape[1]:]):
+                replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        self.model.train(was_training)
+        return replies

@@ -16,7 +16,6 @@ layers' call signature, so that a ``transformers`` upgrade touches this file onl
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from utils.chat import repeat_cache
 from utils.checks import check_positive_int
 
 __all__ = [
@@ -90,8 +90,7 @@ def prefix_trunk_hidden(model: nn.Module, prefix_ids: Sequence[int], continuatio
         ids = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in chunk], device=device)
         mask = torch.tensor([[1] * (n_prefix + len(c)) + [0] * (longest - len(c)) for c in chunk],
                             device=device)
-        cache = copy.deepcopy(out.past_key_values)
-        cache.batch_repeat_interleave(len(chunk))
+        cache = repeat_cache(out.past_key_values, len(chunk))
         hidden = trunk_hidden(model, n_top, input_ids=ids, attention_mask=mask, past_key_values=cache,
                               use_cache=True)
         parts += [h[:len(c)].clone() for h, c in zip(hidden, chunk)]

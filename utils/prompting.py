@@ -19,16 +19,17 @@ paths and self-consistency.
 """
 from __future__ import annotations
 
-import copy
 import random
 import re
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from utils.chat import prefix_cache, repeat_cache
 from utils.checks import check_positive_int, check_positive_number
 from utils.decoding import process_logits
 
@@ -158,18 +159,6 @@ def answer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return ids
 
 
-def _prefix_cache(model: nn.Module, prefix_ids: Sequence[int]):
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prefix_ids)], device=device)
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-
-
-def _expanded(cache, rows: int):
-    copied = copy.deepcopy(cache)
-    copied.batch_repeat_interleave(rows)
-    return copied
-
-
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, prefix_ids: Sequence[int],
                         suffixes: Sequence[Sequence[int]], token_ids: Sequence[int] | None = None,
@@ -188,7 +177,7 @@ def next_token_logprobs(model: nn.Module, prefix_ids: Sequence[int],
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cache = _prefix_cache(model, prefix_ids)
+    cache = prefix_cache(model, prefix_ids)
     n_prefix = len(prefix_ids)
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     out = torch.empty(len(suffixes), model.config.vocab_size if token_ids is None
@@ -201,7 +190,7 @@ def next_token_logprobs(model: nn.Module, prefix_ids: Sequence[int],
         mask = torch.tensor([[1] * (n_prefix + len(c)) + [0] * (longest - len(c)) for c in chunk],
                             device=device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=True,
-                                     past_key_values=_expanded(cache, len(chunk))).last_hidden_state
+                                     past_key_values=repeat_cache(cache, len(chunk))).last_hidden_state
         last = torch.tensor([len(c) - 1 for c in chunk], device=device)
         logits = model.get_output_embeddings()(hidden[torch.arange(len(chunk)), last]).float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -270,13 +259,13 @@ def sample_paths(model: nn.Module, prefix_ids: Sequence[int], suffixes: Sequence
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cache = _prefix_cache(model, prefix_ids)
+    cache = prefix_cache(model, prefix_ids)
     rows = [i for i in range(len(suffixes)) for _ in range(n)]
     paths: list[list[list[int]]] = [[] for _ in suffixes]
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
         ids = torch.tensor([list(suffixes[i]) for i in idx], device=device)
-        past = _expanded(cache, len(idx))
+        past = repeat_cache(cache, len(idx))
         tokens: list[list[int]] = [[] for _ in idx]
         alive = list(range(len(idx)))  # rows still generating; finished rows leave the batch
         for _ in range(max_new_tokens):
@@ -312,13 +301,35 @@ def last_number(text: str) -> int | None:
     return int(found[-1].rstrip(",").replace(",", ""))
 
 
-def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
-    """The most frequent answer that is not None (ties go to the one seen first), or None."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
+def majority_vote(answers: Sequence[Hashable | None],
+                  same: Callable[[Any, Any], bool] | None = None) -> Hashable | None:
+    """The most frequent answer that is not None; a tie goes to the answer seen first. None if
+    there is none.
+
+    ``same`` (optional) decides which answers count as one, e.g. ``utils.agent.answers_match`` so
+    that ``"52"`` and ``"52.0"`` are one vote; two answers are one when ``same`` holds both ways.
+    The answer returned is the first seen of the winning group. Without ``same``, answers are equal
+    when ``==`` says so.
+    """
+    if same is None:
+        counts = Counter(a for a in answers if a is not None)
+        if not counts:
+            return None
+        top = max(counts.values())
+        return next(a for a in answers if a is not None and counts[a] == top)
+    groups: list[list[Any]] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if same(answer, group[0]) and same(group[0], answer):
+                group.append(answer)
+                break
+        else:
+            groups.append([answer])
+    if not groups:
         return None
-    top = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == top)
+    return max(groups, key=len)[0]  # max keeps the first of equal lengths
 
 
 def self_consistency(answers: Sequence[Sequence[Hashable | None]], gold: Sequence[Hashable],
