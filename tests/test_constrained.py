@@ -13,6 +13,7 @@ from utils.constrained import (
     compile_regex,
     mask_logits,
     parse_regex,
+    regex_literal,
     schema_to_regex,
     vocabulary_bytes,
 )
@@ -95,12 +96,28 @@ def test_schema_to_regex_accepts_the_json_it_describes_and_rejects_the_rest():
 
 @pytest.mark.parametrize("schema, message", [
     ({"type": "array"}, "top level"), ({"type": "object"}, "properties"),
-    ({"type": "object", "properties": {"x": {"type": "number"}}}, r"schema\.x"),
+    ({"type": "object", "properties": {"x": {"type": "array"}}}, r"schema\.x"),
     ({"type": "object", "properties": {"x": {"enum": []}}}, "enum"),
 ])
 def test_schema_to_regex_names_what_it_cannot_do(schema, message):
     with pytest.raises(ValueError, match=message):
         schema_to_regex(schema)
+
+
+def test_schema_to_regex_numbers_dates_and_empty_objects():
+    schema = {"type": "object", "properties": {"x": {"type": "number"},
+                                               "d": {"type": "string", "format": "date"},
+                                               "e": {"enum": [0.5, "é"]}}}
+    dfa = compile_regex(schema_to_regex(schema))
+    assert dfa.matches('{"x": -3.25, "d": "2024-03-01", "e": 0.5}')
+    assert dfa.matches('{"x": 7, "d": "2024-03-01", "e": "é"}')
+    assert not dfa.matches('{"x": 1e5, "d": "2024-03-01", "e": 0.5}')
+    assert not dfa.matches('{"x": 1, "d": "March 1", "e": 0.5}')
+    empty = {"type": "object", "properties": {}}
+    assert compile_regex(schema_to_regex(empty, allow_empty=True)).matches("{}")
+    with pytest.raises(ValueError, match="properties"):
+        schema_to_regex(empty)
+    assert regex_literal("a.b{1}") == "a\\.b\\{1\\}"
 
 
 TINY = {1: b"{", 2: b'"', 3: b'{"', 4: b"a", 5: b"ab", 6: b'b"', 7: b"}", 8: b'"}', 9: b"x",

@@ -39,6 +39,7 @@ __all__ = [
     "parse_regex",
     "compile_regex",
     "ByteDFA",
+    "regex_literal",
     "schema_to_regex",
     "vocabulary_bytes",
     "TokenIndex",
@@ -387,48 +388,60 @@ def compile_regex(pattern: str, max_states: int = 20_000) -> ByteDFA:
 _SPECIAL = set("\\.^$|?*+()[]{}/\"")
 _JSON_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt])'
 _INTEGER = r"-?(0|[1-9][0-9]{0,15})"
+_NUMBER = r"-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,6})?"
+_DATE = r'"[0-9]{4}-[0-9]{2}-[0-9]{2}"'
 
 
-def _escape(text: str) -> str:
+def regex_literal(text: str) -> str:
+    """``text`` as a literal in this module's regex subset (its special characters escaped)."""
     return "".join("\\" + c if c in _SPECIAL else c for c in text)
 
 
 def _value_regex(schema: dict, where: str) -> str:
     if "enum" in schema:
         values = schema["enum"]
-        if not values or not all(isinstance(v, (str, int, bool)) for v in values):
-            raise ValueError(f"{where}: enum must list strings, integers or booleans")
-        return "(" + "|".join(_escape(json.dumps(v)) for v in values) + ")"
+        if not values or not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise ValueError(f"{where}: enum must list strings, numbers or booleans")
+        return "(" + "|".join(regex_literal(json.dumps(v, ensure_ascii=False)) for v in values) + ")"
     kind = schema.get("type")
     if kind == "string":
+        if schema.get("format") == "date":
+            return _DATE
         lo, hi = schema.get("minLength", 0), schema.get("maxLength")
         repeat = f"{{{lo},{hi}}}" if hi is not None else ("*" if lo == 0 else f"{{{lo},}}")
         return f'"{_JSON_CHAR}{repeat}"'
     if kind == "integer":
         return _INTEGER
+    if kind == "number":
+        return _NUMBER
     if kind == "boolean":
         return "(true|false)"
     if kind == "object":
         return schema_to_regex(schema, where)
-    raise ValueError(f"{where}: type {kind!r} is not supported (string, integer, boolean, enum, "
-                     "object)")
+    raise ValueError(f"{where}: type {kind!r} is not supported (string, integer, number, boolean, "
+                     "enum, object)")
 
 
-def schema_to_regex(schema: dict, where: str = "schema") -> str:
-    """A JSON schema (an object of string / integer / boolean / enum / object properties) -> regex.
+def schema_to_regex(schema: dict, where: str = "schema", allow_empty: bool = False) -> str:
+    """A JSON schema (an object of string / integer / number / boolean / enum / object properties)
+    -> regex.
 
     Properties appear in the schema's order and all are required (the usual setting for
     extraction); a space after ``:`` and ``,`` is optional, no other whitespace is allowed. Strings
-    follow JSON's escapes; ``maxLength`` bounds them. Anything else raises a ``ValueError`` that
-    names the property.
+    follow JSON's escapes; ``maxLength`` bounds them, and ``"format": "date"`` makes them
+    ``"YYYY-MM-DD"``. Numbers are decimals with up to 16 integer and 6 fraction digits (no
+    exponent). An object without properties is an error unless ``allow_empty`` (then ``{}``; a tool
+    that takes no arguments). Anything else raises a ``ValueError`` that names the property.
     """
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise ValueError(f"{where}: the top level must be {{'type': 'object', 'properties': ...}}")
-    properties = schema.get("properties")
+    properties = schema.get("properties", {} if allow_empty else None)
+    if allow_empty and properties == {}:
+        return r"\{\}"
     if not isinstance(properties, dict) or not properties:
         raise ValueError(f"{where}: an object needs a non-empty 'properties' dict")
-    parts = [_escape(json.dumps(name)) + ": ?" + _value_regex(sub, f"{where}.{name}")
-             for name, sub in properties.items()]
+    parts = [regex_literal(json.dumps(name, ensure_ascii=False)) + ": ?"
+             + _value_regex(sub, f"{where}.{name}") for name, sub in properties.items()]
     return r"\{" + ", ?".join(parts) + r"\}"
 
 

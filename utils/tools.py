@@ -58,6 +58,7 @@ from typing import Any
 
 import jsonschema
 
+from utils.constrained import regex_literal, schema_to_regex
 from utils.rag_safety import quarantine
 from utils.retrieval import BM25Index, sections_as_chunks
 
@@ -392,50 +393,6 @@ def tool_message(result: ToolResult, defence: str = "none") -> dict:
 # ============================================================================ constrained calls
 
 
-_JSON_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt])'
-_INTEGER = r"-?(0|[1-9][0-9]{0,15})"
-_NUMBER = r"-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,6})?"
-_DATE = r'"[0-9]{4}-[0-9]{2}-[0-9]{2}"'
-
-
-def _escape(text: str) -> str:
-    """``text`` as a literal in :mod:`utils.constrained`'s regex subset."""
-    return "".join("\\" + c if ord(c) < 128 and not (c.isalnum() or c in " _") else c
-                   for c in text)
-
-
-def _value_regex(schema: Mapping, where: str) -> str:
-    if "enum" in schema:
-        values = schema["enum"]
-        if not values or not all(isinstance(v, (str, int, float, bool)) for v in values):
-            raise ValueError(f"{where}: enum must list strings, numbers or booleans")
-        return "(" + "|".join(_escape(json.dumps(v, ensure_ascii=False)) for v in values) + ")"
-    kind = schema.get("type")
-    if kind == "string":
-        if schema.get("format") == "date":
-            return _DATE
-        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-        repeat = f"{{{lo},{hi}}}" if hi is not None else ("*" if lo == 0 else f"{{{lo},}}")
-        return f'"{_JSON_CHAR}{repeat}"'
-    if kind == "integer":
-        return _INTEGER
-    if kind == "number":
-        return _NUMBER
-    if kind == "boolean":
-        return "(true|false)"
-    raise ValueError(f"{where}: type {kind!r} is not supported in a constrained call "
-                     "(string, integer, number, boolean, enum)")
-
-
-def _arguments_regex(tool: Tool) -> str:
-    props = tool.parameters.get("properties", {})
-    if not props:
-        return r"\{\}"
-    parts = [_escape(json.dumps(name)) + ": ?" + _value_regex(sub, f"{tool.name}.{name}")
-             for name, sub in props.items()]
-    return r"\{" + ", ?".join(parts) + r"\}"
-
-
 def tool_call_regex(registry: ToolRegistry) -> str:
     """The language of well-formed calls to ``registry``'s tools, as a regex for
     :func:`utils.constrained.compile_regex`: ``<tool_call>{"name": "<allowed name>", "arguments":
@@ -445,9 +402,11 @@ def tool_call_regex(registry: ToolRegistry) -> str:
     but the regex cannot express (a minimum, a pattern) is caught by :func:`run_tool`."""
     branches = []
     for tool in registry:
-        branches.append(r'\{"name": ?"' + _escape(tool.name) + r'", ?"arguments": ?'
-                        + _arguments_regex(tool) + r"\}")
-    return _escape(TOOL_CALL_OPEN) + "(" + "|".join(branches) + ")" + _escape(TOOL_CALL_CLOSE)
+        arguments = schema_to_regex(tool.parameters, tool.name, allow_empty=True)
+        branches.append(r'\{"name": ?"' + regex_literal(tool.name) + r'", ?"arguments": ?'
+                        + arguments + r"\}")
+    return (regex_literal(TOOL_CALL_OPEN) + "(" + "|".join(branches) + ")"
+            + regex_literal(TOOL_CALL_CLOSE))
 
 
 # ============================================================================ standard tools
