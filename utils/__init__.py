@@ -13,7 +13,7 @@ The model and its parts (Part 1)
 - :mod:`utils.llama`     SmolLM2's architecture from scratch; parameter, memory and FLOP formulas
 - :mod:`utils.moe`       a sparse mixture-of-experts layer, its balancing loss, parameter arithmetic
 - :mod:`utils.models`    SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline
-- :mod:`utils.chat`      chat messages, prompt ids, left padding, batched greedy replies (one pad rule)
+- :mod:`utils.chat`      chat messages, prompt ids, left padding, batched replies, a shared prefix run once
 - :mod:`utils.hf_llama`  the one file that knows transformers' Llama internals: trunk caches, top layers
 
 Training and fine-tuning (Parts 1-2)
