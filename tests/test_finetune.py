@@ -5,7 +5,8 @@ from tiny_chatml import chatml_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from utils.finetune import (answer_positions, label_logits, label_token_ids, pad_cached, response_loss,
-                            score_labels, top_forward, trunk_cache)
+                            score_labels, top_forward, top_parameters, train_top_layers,
+                            trunk_cache)
 from utils.chat import IGNORE_INDEX
 from utils.sft import build_example, collate, masked_lm_loss
 
@@ -119,3 +120,30 @@ def test_bad_inputs(model, tokenizer, examples):
         score_labels(model, tokenizer, [], LABELS)
     with pytest.raises(ValueError, match="batch_size"):
         score_labels(model, tokenizer, ["Review: fun"], LABELS, batch_size=0)
+
+
+def test_train_top_layers_trains_only_the_top_and_lowers_the_loss(tokenizer, examples):
+    model = llama(tokenizer, "sdpa")
+    items = trunk_cache(model, examples, 1, tokenizer.pad_token_id)
+    bottom = [p.detach().clone() for p in model.model.layers[0].parameters()]
+    top = [p.detach().clone() for p in top_parameters(model, 1)]
+    seen = []
+    losses = train_top_layers(model, items, 1, steps=12, batch_size=3, lr=1e-2, warmup=2,
+                              progress=lambda steps: (seen.append(1) or steps))
+    assert len(losses) == 12 and seen == [1] and losses[-1] < losses[0]
+    assert all(torch.equal(p, q) for p, q in zip(bottom, model.model.layers[0].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(top, top_parameters(model, 1)))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    again = llama(tokenizer, "sdpa")  # the same seed gives the same run
+    assert train_top_layers(again, trunk_cache(again, examples, 1, tokenizer.pad_token_id), 1,
+                            steps=12, batch_size=3, lr=1e-2, warmup=2) == losses
+
+
+def test_train_top_layers_errors(model, tokenizer, examples):
+    items = trunk_cache(model, examples, 1, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="at least one cached item"):
+        train_top_layers(model, [], 1, steps=1, batch_size=1, lr=1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        train_top_layers(model, items, 1, steps=1, batch_size=1, lr=0)
+    with pytest.raises(ValueError, match="steps"):
+        train_top_layers(model, items, 1, steps=0, batch_size=1, lr=1e-3)

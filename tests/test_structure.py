@@ -154,3 +154,11 @@ def test_imports_across_modules_use_only_public_names():
             if declared is not None and name not in declared:
                 offences.append(f"{where}: {module}.{name} is not in {module}.__all__")
     assert not offences, "\n".join(offences)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_cell_ids_are_unique(path):
+    """A copied cell keeps its id; nbformat then rewrites it with a warning on every read."""
+    ids = [c.get("id") for c in json.loads(path.read_text(encoding="utf-8"))["cells"]]
+    repeated = sorted({i for i in ids if i is not None and ids.count(i) > 1})
+    assert not repeated, f"{path.name}: cell ids {repeated} appear more than once; give copies new ids"

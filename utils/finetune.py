@@ -8,12 +8,15 @@ needs of their internals is in :mod:`utils.hf_llama`.
 
 - :func:`trunk_cache`, :func:`pad_cached`, :func:`top_forward`: the split forward pass.
 - :func:`response_loss`: the response-only loss, projecting to the vocabulary only where it is needed.
+- :func:`top_parameters`, :func:`train_top_layers`: what trains (the top layers and the final norm)
+  and the training loop on cached items (AdamW, warm-up and cosine decay, gradient clipping).
 - :func:`answer_positions`, :func:`label_token_ids`, :func:`label_logits`: classification by comparing
   the logits of each label's first token at the position that predicts the answer.
 - :func:`score_labels`: the same scores from the whole model, one forward pass per prompt.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Sequence
 
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from utils.chat import IGNORE_INDEX, left_pad, pad_token_id, prompt_ids
 from utils.checks import check_positive_int
 from utils.hf_llama import check_n_top, decoder_layers, run_layers, trunk_hidden
+from utils.pretrain import lr_at
 from utils.sft import build_example, collate
 
 __all__ = [
@@ -33,6 +37,8 @@ __all__ = [
     "response_loss",
     "score_labels",
     "top_forward",
+    "top_parameters",
+    "train_top_layers",
     "trunk_cache",
 ]
 
@@ -107,6 +113,63 @@ def response_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
         raise ValueError("labels mark no token for the loss (all -100 after the shift)")
     logits = model.lm_head(hidden[:, :-1][keep])  # (number of response tokens, vocab)
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+def top_parameters(model: nn.Module, n_top: int) -> list[nn.Parameter]:
+    """The parameters that :func:`train_top_layers` trains: the last ``n_top`` decoder layers' and
+    the final norm's."""
+    n_layers = check_n_top(model, n_top)
+    top = decoder_layers(model)[n_layers - n_top:]
+    return [p for layer in top for p in layer.parameters()] + list(model.model.norm.parameters())
+
+
+def train_top_layers(model: nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]], n_top: int,
+                     steps: int, batch_size: int, lr: float, warmup: int = 0, seed: int = 0,
+                     clip: float | None = 1.0,
+                     progress: Callable[[Iterable], Iterable] | None = None) -> list[float]:
+    """Fine-tune the top ``n_top`` layers and the final norm (:func:`top_parameters`) in place on
+    cached ``(hidden, labels)`` items from :func:`trunk_cache`, with the response-only loss.
+
+    Batches of ``batch_size`` come from a fresh shuffle of the items each epoch (a generator seeded
+    with ``seed``); AdamW without weight decay; the learning rate warms up linearly for ``warmup``
+    steps to ``lr``, then decays by a cosine to a tenth of it (:func:`utils.pretrain.lr_at`); the
+    gradient norm is clipped at ``clip`` (None: not clipped). Everything else stays frozen; the
+    model is left in eval mode with no parameter requiring gradients. ``progress`` wraps the step
+    loop (e.g. ``utils.progress``). Returns the loss of every step.
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        check_positive_int(name, value)
+    if not items:
+        raise ValueError("train_top_layers needs at least one cached item (see trunk_cache)")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    trainable = top_parameters(model, n_top)
+    model.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    order: list[int] = []
+    losses: list[float] = []
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    loop = range(steps) if progress is None else progress(range(steps))
+    for step in loop:
+        if len(order) < batch_size:  # a fresh shuffle of the set each epoch
+            order += torch.randperm(len(items), generator=generator).tolist()
+        hidden, labels = pad_cached([items[i] for i in order[:batch_size]])
+        order = order[batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps)
+        loss = response_loss(model, top_forward(model, hidden, n_top), labels)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.requires_grad_(False)
+    model.eval()
+    return losses
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
