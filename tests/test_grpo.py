@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.grpo import (LOSS_TYPES, Group, aggregate_loss, clipped_surrogate, group_advantages, grpo_loss,
-                        k3_kl, sample_group)
+                        k3_kl, sample_group, sample_groups)
 from utils.llama import Llama, LlamaConfig
 from utils.ppo import clipped_policy_loss
 
@@ -197,6 +197,37 @@ def test_sample_group_masks_after_eos_and_scores_each_completion():
     with pytest.raises(ValueError, match="non-empty prompt"):
         sample_group(model, [], 2, 3, len)
 
+
+
+def test_sample_groups_batches_prompts_in_group_layout():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    prompts = [[1, 2], [3, 1], [2, 2]]
+    seen = []
+
+    def verifier(i, ids):
+        seen.append(i)
+        return float(i) + 10 * len(ids)
+
+    g = sample_groups(model, prompts, 4, 5, verifier, eos_token_id=5,
+                      generator=torch.Generator().manual_seed(0))
+    assert g.tokens.shape[0] == 12 and g.n_prompt == 2 and g.completions.shape == g.mask.shape
+    assert seen == [0] * 4 + [1] * 4 + [2] * 4  # rows i*G .. (i+1)*G-1 are prompt i's group
+    for row, p in zip(g.tokens, [p for p in prompts for _ in range(4)]):
+        assert row[:2].tolist() == p
+    torch.testing.assert_close(g.rewards, torch.tensor(seen, dtype=torch.float) + 10 * g.mask.sum(1))
+    # one prompt through sample_group equals sample_groups with that prompt alone
+    one = sample_group(model, [1, 2], 4, 5, lambda ids: len(ids), eos_token_id=5,
+                       generator=torch.Generator().manual_seed(1))
+    same = sample_groups(model, [[1, 2]], 4, 5, lambda i, ids: len(ids), eos_token_id=5,
+                         generator=torch.Generator().manual_seed(1))
+    assert torch.equal(one.tokens, same.tokens) and torch.equal(one.rewards, same.rewards)
+    with pytest.raises(ValueError, match="one length"):
+        sample_groups(model, [[1, 2], [3]], 2, 3, verifier)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        sample_groups(model, [], 2, 3, verifier)
+    with pytest.raises(ValueError, match="group_size"):
+        sample_groups(model, prompts, 1, 3, verifier)
 
 # --- against TRL -------------------------------------------------------------------------------------
 # We build a real (tiny) GRPOTrainer offline rather than calling its methods unbound on a

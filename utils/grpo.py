@@ -6,7 +6,8 @@ verifier (is the answer right?), and uses the group itself as the baseline. The 
 the chapter builds them:
 
 1. **A group and its rewards** (:func:`sample_group`): $G$ completions of one prompt from our Llama,
-   the mask of their real tokens, and one reward per completion from a verifier function.
+   the mask of their real tokens, and one reward per completion from a verifier function
+   (:func:`sample_groups`: the groups of several prompts of one length in one batch).
 2. **Advantages** (:func:`group_advantages`): each completion's reward against its group's,
    $A_i = (r_i - \\mathrm{mean}(r)) / (\\mathrm{std}(r) + \\varepsilon)$ (GRPO); without the division
    (Dr. GRPO, Liu et al. 2025); or against the mean of the *other* $G-1$ rewards (RLOO, Ahmadian et al.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ __all__ = [
     "Group",
     "GRPOLoss",
     "sample_group",
+    "sample_groups",
     "group_advantages",
     "k3_kl",
     "clipped_surrogate",
@@ -100,27 +102,35 @@ class Group:
 
 
 @torch.no_grad()
-def sample_group(model: nn.Module, prompt_ids: list[int], group_size: int, max_new_tokens: int,
-                 verifier: Callable[[list[int]], float], eos_token_id: int | None = None,
-                 temperature: float = 1.0, generator: torch.Generator | None = None) -> Group:
-    """Sample ``group_size`` completions of one prompt from a :class:`utils.llama.Llama` (one batch, KV
-    cache of :func:`utils.kvcache.generate`) and score each with ``verifier``.
+def sample_groups(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
+                  max_new_tokens: int, verifier: Callable[[int, list[int]], float],
+                  eos_token_id: int | None = None, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> Group:
+    """Sample ``group_size`` completions of each of several prompts in one batch and score each.
 
-    ``verifier`` gets one completion's ids, cut after its first ``eos_token_id``, and returns its reward
-    (e.g. 1.0 if the decoded answer is right, else 0.0).
+    ``prompts`` must all have the same length (our :class:`utils.llama.Llama` and
+    :func:`utils.kvcache.generate` have no padding mask); rows ``i * group_size`` to
+    ``(i + 1) * group_size - 1`` of the result are prompt ``i``'s group, the layout
+    :func:`group_advantages` expects. ``verifier(i, ids)`` gets the prompt's index and one
+    completion's ids, cut after its first ``eos_token_id``, and returns its reward.
     """
-    if not prompt_ids:
-        raise ValueError("need a non-empty prompt")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one prompt, each non-empty")
+    lengths = {len(p) for p in prompts}
+    if len(lengths) > 1:
+        raise ValueError(f"prompts have lengths {sorted(lengths)}: give them one length (e.g. pad "
+                         f"numbers with zeros), or call sample_group once per prompt")
     check_positive_int("group_size", group_size, minimum=2, hint="GRPO compares completions in a group")
     check_positive_number("temperature", temperature)
     device = next(model.parameters()).device
-    idx = torch.tensor([list(prompt_ids)] * group_size, device=device)
+    n_prompt = lengths.pop()
+    idx = torch.tensor([list(p) for p in prompts for _ in range(group_size)], device=device)
     was_training = model.training
     model.eval()
     tokens = generate(model, idx, max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
                       generator=generator)
     model.train(was_training)
-    completions = tokens[:, len(prompt_ids):]
+    completions = tokens[:, n_prompt:]
     T = completions.shape[1]
     # first EOS position (T if none); mask_t = 1 for t <= that position
     if eos_token_id is None:
@@ -129,10 +139,27 @@ def sample_group(model: nn.Module, prompt_ids: list[int], group_size: int, max_n
         is_eos = completions == eos_token_id
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(completions[:, 0], T))
     mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).float()
-    lengths = mask.sum(1).long().tolist()
-    rewards = torch.tensor([float(verifier(row[:n].tolist())) for row, n in zip(completions, lengths)],
-                           device=device)
-    return Group(tokens, len(prompt_ids), mask, rewards)
+    n_real = mask.sum(1).long().tolist()
+    rewards = [float(verifier(row // group_size, ids[:n]))
+               for row, (ids, n) in enumerate(zip(completions.tolist(), n_real))]
+    return Group(tokens, n_prompt, mask, torch.tensor(rewards, device=device))
+
+
+@torch.no_grad()
+def sample_group(model: nn.Module, prompt_ids: list[int], group_size: int, max_new_tokens: int,
+                 verifier: Callable[[list[int]], float], eos_token_id: int | None = None,
+                 temperature: float = 1.0, generator: torch.Generator | None = None) -> Group:
+    """Sample ``group_size`` completions of one prompt from a :class:`utils.llama.Llama` (one batch, KV
+    cache of :func:`utils.kvcache.generate`) and score each with ``verifier``.
+
+    ``verifier`` gets one completion's ids, cut after its first ``eos_token_id``, and returns its reward
+    (e.g. 1.0 if the decoded answer is right, else 0.0). :func:`sample_groups` samples several
+    prompts at once.
+    """
+    if not prompt_ids:
+        raise ValueError("need a non-empty prompt")
+    return sample_groups(model, [prompt_ids], group_size, max_new_tokens, lambda i, ids: verifier(ids),
+                         eos_token_id, temperature, generator)
 
 
 # --- 2. advantages ---------------------------------------------------------------------------------
