@@ -65,7 +65,9 @@ Evaluation and reasoning (Part 7: modules first, chapters to come)
 - :mod:`utils.evaluation` log-likelihood multiple choice as lm-eval scores it, pass@k, n-gram contamination, kappa
 - :mod:`utils.grpo`      GRPO from scratch: group advantages (GRPO, Dr. GRPO, RLOO), k3 KL, TRL's four loss types
 
-Distributed (Part 8: none yet)
+Distributed and serving (Part 8)
+
+- :mod:`utils.distributed` ``launch``: a function on several processes joined by torch.distributed (gloo/nccl)
 
 Book infrastructure (every part)
 
