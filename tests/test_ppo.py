@@ -8,7 +8,7 @@ import torch
 from utils.llama import Llama, LlamaConfig
 from utils.ppo import (PPOConfig, Rollout, clipped_policy_loss, clipped_value_loss, gae, kl_rewards,
                        make_rollout, masked_mean, ppo_update, response_logprobs, response_values,
-                       sample_responses, sft_loss, value_head_model, whiten)
+                       rollout_from_samples, sample_responses, sft_loss, value_head_model, whiten)
 
 CFG = LlamaConfig(vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
 
@@ -240,3 +240,72 @@ def test_ppo_update_rejects_too_few_rollouts():
     opt = torch.optim.Adam(policy.parameters())
     with pytest.raises(ValueError, match="minibatches"):
         ppo_update(policy, value, opt, rollout, cfg)
+
+
+# --- rollouts sampled elsewhere, cut at an end-of-sequence token ------------------------------------
+
+ROLLOUT_FIELDS = ("tokens", "mask", "logprobs", "ref_logprobs", "values", "scores", "rewards",
+                  "advantages", "returns")
+
+
+def test_rollout_from_samples_equals_make_rollout_without_a_mask():
+    policy, ref = tiny_llama(0), tiny_llama(1)
+    value = value_head_model(policy)
+    with torch.no_grad():
+        value.lm_head.weight.normal_(generator=torch.Generator().manual_seed(2))
+    cfg = PPOConfig(beta=0.1)
+    full = make_rollout(policy, ref, value, count_reward, [0, 1], 6, 5, cfg,
+                        torch.Generator().manual_seed(0))
+    again = rollout_from_samples(policy, ref, value, full.tokens, 2, full.scores, cfg)
+    for name in ROLLOUT_FIELDS:
+        torch.testing.assert_close(getattr(again, name), getattr(full, name), rtol=0, atol=0)
+
+
+def test_rollout_from_samples_puts_the_score_at_the_last_real_token_and_ignores_padding():
+    policy, ref = tiny_llama(0), tiny_llama(1)
+    value = value_head_model(policy)
+    with torch.no_grad():
+        value.lm_head.weight.normal_(generator=torch.Generator().manual_seed(2))
+    cfg = PPOConfig(beta=0.1)
+    tokens = torch.randint(0, 4, (5, 7), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([5, 1, 3, 2, 4])  # real response tokens per row (T = 5)
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0])
+    ro = rollout_from_samples(policy, ref, value, tokens, 2, scores, cfg, mask)
+    pad = mask == 0
+    for name in ("rewards", "advantages", "returns"):
+        assert (getattr(ro, name)[pad] == 0).all(), name
+    rows, last = torch.arange(5), lengths - 1
+    kl = -cfg.beta * (ro.logprobs - ro.ref_logprobs)
+    torch.testing.assert_close(ro.rewards[rows, last], scores + kl[rows, last])
+    # what the padding holds cannot change anything at the real tokens (the models are causal)
+    other = tokens.clone()
+    other[:, 2:][pad] = (other[:, 2:][pad] + 1) % 4
+    ro2 = rollout_from_samples(policy, ref, value, other, 2, scores, cfg, mask)
+    for name in ("logprobs", "values", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(ro2, name)[~pad], getattr(ro, name)[~pad])
+    # and PPO updates on it run, on every real token only
+    opt = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=1e-3)
+    stats = ppo_update(policy, value, opt, ro, PPOConfig(minibatches=1, epochs=1))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_rollout_from_samples_rejects_bad_masks_and_shapes():
+    policy = tiny_llama()
+    value = value_head_model(policy)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    scores, cfg = torch.zeros(2), PPOConfig()
+    with pytest.raises(ValueError, match="mask must be"):
+        rollout_from_samples(policy, policy, value, tokens, 2, scores, cfg, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="prefix"):
+        rollout_from_samples(policy, policy, value, tokens, 2, scores, cfg,
+                             torch.tensor([[1.0, 0, 1], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="prefix"):
+        rollout_from_samples(policy, policy, value, tokens, 2, scores, cfg, torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="at least one real token"):
+        rollout_from_samples(policy, policy, value, tokens, 2, scores, cfg,
+                             torch.tensor([[0.0, 0, 0], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="n_prompt"):
+        rollout_from_samples(policy, policy, value, tokens, 5, scores, cfg)
+    with pytest.raises(ValueError, match="one score per response"):
+        rollout_from_samples(policy, policy, value, tokens, 2, torch.zeros(3), cfg)

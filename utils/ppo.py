@@ -12,9 +12,11 @@ One PPO iteration for a language model, in the pieces the chapter builds one by 
 5. **Losses** (:func:`clipped_policy_loss`, :func:`clipped_value_loss`) and several epochs of
    minibatch updates on the same rollouts (:func:`ppo_update`).
 
-:func:`make_rollout` runs steps 1-4; :func:`ppo_update` step 5. Models are callables from token ids
-(batch, n) to (batch, n, k) outputs: logits for the policy and the reference (e.g.
-:class:`utils.llama.Llama`), one value per position (k = 1) for the value model.
+:func:`make_rollout` runs steps 1-4 (:func:`rollout_from_samples` steps 2-4, for responses
+sampled elsewhere, e.g. several prompts at once, cut at an end-of-sequence token); :func:`ppo_update`
+step 5. Models are callables from token ids (batch, n) to (batch, n, k) outputs: logits for the
+policy and the reference (e.g. :class:`utils.llama.Llama`), one value per position (k = 1) for the
+value model.
 """
 from __future__ import annotations
 
@@ -229,16 +231,31 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 # --- one PPO iteration -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def make_rollout(policy: nn.Module, ref: Callable, value_model: Callable,
-                 reward_fn: Callable[[torch.Tensor], torch.Tensor], prompt_ids: list[int], n: int,
-                 max_new_tokens: int, cfg: PPOConfig,
-                 generator: torch.Generator | None = None) -> Rollout:
-    """Sample ``n`` responses, score them with ``reward_fn`` (response ids (n, T) -> (n,)), and compute
-    log-probabilities, values, KL-penalised rewards and GAE advantages (whitened) and returns."""
-    tokens = sample_responses(policy, prompt_ids, n, max_new_tokens, cfg.temperature, generator)
-    n_prompt = len(prompt_ids)
-    response = tokens[:, n_prompt:]
-    mask = torch.ones_like(response, dtype=torch.float32)
+def rollout_from_samples(policy: nn.Module, ref: Callable, value_model: Callable,
+                         tokens: torch.Tensor, n_prompt: int, scores: torch.Tensor, cfg: PPOConfig,
+                         mask: torch.Tensor | None = None) -> Rollout:
+    """Steps 2-4 for responses sampled elsewhere: log-probabilities, values, KL-penalised rewards,
+    GAE advantages (whitened) and returns.
+
+    ``tokens`` (batch, n_prompt + T) may hold several prompts of one length (e.g. the groups of
+    :func:`utils.grpo.sample_groups`); ``scores`` (batch,) is each response's reward; ``mask``
+    (batch, T) marks each response's real tokens, a prefix of every row (1 up to and including its
+    end-of-sequence token, 0 on the padding after it; default: every token is real). The score lands
+    on the last real token and padding gets no reward, advantage or return.
+    """
+    if tokens.dim() != 2 or not 1 <= n_prompt < tokens.shape[1]:
+        raise ValueError(f"need (batch, n) tokens with 1 <= n_prompt < n, got shape "
+                         f"{tuple(tokens.shape)} and n_prompt={n_prompt}")
+    shape = (tokens.shape[0], tokens.shape[1] - n_prompt)
+    if mask is None:
+        mask = torch.ones(shape, device=tokens.device)
+    mask = mask.float()
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must be (batch, T) = {shape}, one entry per response token, got "
+                         f"{tuple(mask.shape)}")
+    if not ((mask == 0) | (mask == 1)).all() or (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError("mask must be 1 on a prefix of each response and 0 after it (padding "
+                         "only at the end)")
     was = [(m, m.training) for m in (policy, value_model) if isinstance(m, nn.Module)]
     for m, _ in was:
         m.eval()
@@ -247,11 +264,25 @@ def make_rollout(policy: nn.Module, ref: Callable, value_model: Callable,
     values = response_values(value_model, tokens, n_prompt)
     for m, training in was:
         m.train(training)
-    scores = reward_fn(response).float()
+    scores = scores.float()
     rewards = kl_rewards(scores, logprobs, ref_logprobs, mask, cfg.beta)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return Rollout(tokens, n_prompt, mask, logprobs, ref_logprobs, values, scores, rewards,
                    whiten(advantages, mask), returns)
+
+
+@torch.no_grad()
+def make_rollout(policy: nn.Module, ref: Callable, value_model: Callable,
+                 reward_fn: Callable[[torch.Tensor], torch.Tensor], prompt_ids: list[int], n: int,
+                 max_new_tokens: int, cfg: PPOConfig,
+                 generator: torch.Generator | None = None) -> Rollout:
+    """Sample ``n`` responses, score them with ``reward_fn`` (response ids (n, T) -> (n,)), and compute
+    log-probabilities, values, KL-penalised rewards and GAE advantages (whitened) and returns
+    (:func:`rollout_from_samples`, every sampled token counted as real)."""
+    tokens = sample_responses(policy, prompt_ids, n, max_new_tokens, cfg.temperature, generator)
+    n_prompt = len(prompt_ids)
+    scores = reward_fn(tokens[:, n_prompt:])
+    return rollout_from_samples(policy, ref, value_model, tokens, n_prompt, scores, cfg)
 
 
 def ppo_update(policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -307,4 +338,4 @@ def sft_loss(model: Callable, tokens: torch.Tensor, n_prompt: int) -> torch.Tens
 
 __all__ = ["PPOConfig", "Rollout", "masked_mean", "whiten", "sample_responses", "response_logprobs",
            "response_values", "kl_rewards", "gae", "clipped_policy_loss", "clipped_value_loss",
-           "make_rollout", "ppo_update", "value_head_model", "sft_loss"]
+           "rollout_from_samples", "make_rollout", "ppo_update", "value_head_model", "sft_loss"]
