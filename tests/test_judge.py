@@ -40,7 +40,7 @@ def test_messages_and_ids(tokenizer):
 
 
 def test_bad_inputs(tokenizer):
-    with pytest.raises(ValueError, match="known styles: \\['direct', 'reason_first'\\]"):
+    with pytest.raises(ValueError, match="known styles: \\['direct', 'reason_first', 'rubric'\\]"):
         judge_messages(Q, "a", "b", "pointwise")
     with pytest.raises(ValueError, match="identical"):
         judge_messages(Q, "same", "same")

@@ -47,6 +47,10 @@ JUDGE_STYLES: dict[str, str] = {
     "reason_first": ("{question}\n\nReview 1: {answer_1}\n\nReview 2: {answer_2}\n\n"
                      "First compare the two reviews in one short sentence, then give your verdict "
                      "on a new line as 'Answer: 1' or 'Answer: 2'."),
+    "rubric": ("{question}\n\nRubric: judge only the feeling the reviewer expresses about the film. "
+               "Ignore length, detail and writing quality; a short review can be the more "
+               "positive one.\n\nReview 1: {answer_1}\n\nReview 2: {answer_2}\n\n"
+               "Reply with one digit only: 1 or 2."),
 }
 
 #: What the assistant's turn holds before the verdict token in the reason-first style.
