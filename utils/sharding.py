@@ -1,5 +1,5 @@
-"""Sharding the training state across ranks: ZeRO's arithmetic and PyTorch's FSDP2 (Part 8, "Sharding:
-ZeRO and FSDP").
+"""Sharding the training state across ranks: ZeRO's arithmetic and PyTorch's FSDP2 (Part 8,
+"Sharding: ZeRO and FSDP").
 
 **The memory of data-parallel training.** A model of $\\Psi$ parameters trained with Adam keeps, on
 every rank of plain data parallelism, the parameters ($b_p \\Psi$ bytes), their gradients
@@ -40,6 +40,7 @@ import json
 import math
 import os
 import signal
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,8 @@ def zero_table(models: Mapping[str, float], devices: Sequence[int], precision: s
         for n in devices:
             row: dict[str, Any] = {"model": name, "parameters": n_params, "devices": n}
             for stage in ZERO_STAGES:
-                row[f"stage {stage}"] = zero_bytes_per_rank(n_params, stage, n, precision)["total"] / unit
+                total = zero_bytes_per_rank(n_params, stage, n, precision)["total"]
+                row[f"stage {stage}"] = total / unit
             rows.append(row)
     return pd.DataFrame(rows).set_index(["model", "devices"])
 
@@ -289,7 +291,7 @@ def batch_at(spec: RunSpec, step: int, rank: int = 0,
 
 
 def build_model(spec: RunSpec) -> Llama:
-    """The run's :class:`utils.llama.Llama`, initialised from ``spec.seed`` (the same on every rank)."""
+    """The run's :class:`utils.llama.Llama`, initialised from ``spec.seed`` (same on every rank)."""
     torch.manual_seed(spec.seed)
     return Llama(spec.cfg)
 
@@ -304,7 +306,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a full CPU tensor (DTensor shards are all-gathered: every rank must call)."""
+    """Every parameter as a full CPU tensor (DTensor shards all-gathered: every rank must call)."""
     out = {}
     for name, p in model.named_parameters():
         t = p.full_tensor() if isinstance(p, DTensor) else p
@@ -317,9 +319,10 @@ def train_single(spec: RunSpec, start: int = 0, stop: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """The one-process reference: AdamW on the whole global batch for steps ``start .. stop - 1``.
 
-    Returns ``losses`` (one per step, before its update), ``parameters`` (full, after the last
-    step), ``model``, ``optimizer`` and ``memory`` (:func:`state_bytes`, gradients still held: the
-    state of ZeRO stage 0). Pass ``model`` and ``optimizer`` to continue a loaded run.
+    Returns ``losses`` (one per step, before its update), ``seconds`` (wall time of each step),
+    ``parameters`` (full, after the last step), ``model``, ``optimizer`` and ``memory``
+    (:func:`state_bytes`, gradients still held: the state of ZeRO stage 0). Pass ``model`` and
+    ``optimizer`` to continue a loaded run.
     """
     stop = spec.steps if stop is None else stop
     if not 0 <= start < stop:
@@ -329,16 +332,18 @@ def train_single(spec: RunSpec, start: int = 0, stop: int | None = None,
     if model is None:
         model = build_model(spec)
         optimizer = _optimizer(spec, model.parameters())
-    losses = []
+    losses, seconds = [], []
     for step in range(start, stop):
+        tic = time.perf_counter()
         x, y = batch_at(spec, step)
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(model, x, y)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return {"losses": losses, "parameters": full_parameters(model), "model": model,
-            "optimizer": optimizer, "memory": state_bytes(model, optimizer)}
+        seconds.append(time.perf_counter() - tic)
+    return {"losses": losses, "seconds": seconds, "parameters": full_parameters(model),
+            "model": model, "optimizer": optimizer, "memory": state_bytes(model, optimizer)}
 
 
 def _fsdp_model(spec: RunSpec, world_size: int, reshard_after_forward: bool = True) -> Llama:
@@ -360,20 +365,23 @@ def _global_loss(loss: torch.Tensor, world_size: int) -> float:
 
 
 def _train_fsdp(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer, start: int,
-                stop: int, rank: int, world_size: int, hooks: Any = None) -> list[float]:
-    losses = []
+                stop: int, rank: int, world_size: int,
+                hooks: Any = None) -> tuple[list[float], list[float]]:
+    losses, seconds = [], []
     for step in range(start, stop):
         if hooks is not None:
             hooks.before(step)
+        tic = time.perf_counter()
         x, y = batch_at(spec, step, rank, world_size)
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(model, x, y)
         loss.backward()  # FSDP2 reduce-scatters the gradients: each rank keeps its shard's mean
         optimizer.step()  # on the local shards only
         losses.append(_global_loss(loss, world_size))
+        seconds.append(time.perf_counter() - tic)
         if hooks is not None:
             hooks.after(step, losses[-1], model, optimizer)
-    return losses
+    return losses, seconds
 
 
 def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
@@ -382,25 +390,28 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
     ZeRO-1 is PyTorch's ``ZeroRedundancyOptimizer`` (each rank keeps Adam states for a greedy
     partition of whole parameters) under ``DistributedDataParallel`` (which all-reduces the
     gradients). Returns per stage ``losses``, ``memory`` (:func:`state_bytes` after the last step,
-    gradients still held), ``shapes`` of the parameters and, from rank 0, the final full
-    ``parameters``; for ZeRO-1 also ``partition_numel``, the elements of this rank's partition.
+    gradients still held), ``seconds`` per step, ``shapes`` of the parameters and, from rank 0,
+    the final full ``parameters``; for ZeRO-1 also ``partition_numel``, the elements of this
+    rank's partition.
     """
     out: dict[str, Any] = {}
     # ZeRO-1: replicated parameters and gradients, partitioned optimizer states.
     ddp = DistributedDataParallel(build_model(spec))
     opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.AdamW,
                                   lr=spec.lr, weight_decay=spec.weight_decay)
-    losses = []
+    losses, seconds = [], []
     for step in range(spec.steps):
+        tic = time.perf_counter()
         x, y = batch_at(spec, step, rank, world_size)
         opt.zero_grad(set_to_none=True)
         loss = _loss(ddp, x, y)
         loss.backward()  # DDP all-reduces (averages) the gradients
         opt.step()  # updates this rank's partition, then broadcasts it to the others
         losses.append(_global_loss(loss, world_size))
+        seconds.append(time.perf_counter() - tic)
     model = ddp.module
     out["zero1"] = {
-        "losses": losses, "memory": state_bytes(model, opt),
+        "losses": losses, "seconds": seconds, "memory": state_bytes(model, opt),
         "partition_numel": sum(p.numel() for g in opt.optim.param_groups for p in g["params"]),
         "parameters": full_parameters(model) if rank == 0 else None,
     }
@@ -408,10 +419,10 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
     # ZeRO-3: FSDP2 shards parameters, gradients and optimizer states.
     model = _fsdp_model(spec, world_size)
     opt = _optimizer(spec, model.parameters())
-    losses = _train_fsdp(spec, model, opt, 0, spec.steps, rank, world_size)
+    losses, seconds = _train_fsdp(spec, model, opt, 0, spec.steps, rank, world_size)
     params = full_parameters(model)
     out["fsdp"] = {
-        "losses": losses, "memory": state_bytes(model, opt),
+        "losses": losses, "seconds": seconds, "memory": state_bytes(model, opt),
         "shapes": [tuple(p.shape) for p in model.parameters()],
         "parameters": params if rank == 0 else None,
     }
@@ -455,7 +466,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
 
 
 def _load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
-    """Fill ``model`` and ``optimizer`` from a dcp checkpoint: each rank reads what its shards need."""
+    """Fill ``model`` and ``optimizer`` from a dcp checkpoint; each rank reads its shards."""
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
@@ -488,7 +499,7 @@ def checkpoint_worker(rank: int, world_size: int, spec: RunSpec, root: str | Non
                       save_every: int | None = None, resume_from: str | None = None,
                       stop: int | None = None, kill_at: int | None = None, kill_rank: int = 1,
                       log_path: str | None = None) -> dict[str, Any]:
-    """Train with ``fully_shard`` from step 0 (or from a checkpoint) to ``stop``; checkpoint on the way.
+    """Train with ``fully_shard`` from step 0 (or a checkpoint) to ``stop``; checkpoint on the way.
 
     - ``resume_from``: a checkpoint folder (:func:`latest_checkpoint`); its step is read from the
       folder name and the run continues there. The checkpoint may come from any number of ranks:
@@ -499,8 +510,9 @@ def checkpoint_worker(rank: int, world_size: int, spec: RunSpec, root: str | Non
       :func:`utils.distributed.launch` then raises ``WorkerError`` naming it).
     - ``log_path``: rank 0 appends ``{"step", "loss"}`` per step (survives a crash).
 
-    Returns ``start``, ``losses``, ``memory`` (:func:`state_bytes`) and, from rank 0, ``loaded``
-    (full parameters right after loading, or None) and ``parameters`` (full, at the end).
+    Returns ``start``, ``losses``, ``seconds`` (per step), ``memory`` (:func:`state_bytes`) and,
+    from rank 0, ``loaded`` (full parameters right after loading, or None) and ``parameters``
+    (full, at the end).
     """
     model = _fsdp_model(spec, world_size)
     optimizer = _optimizer(spec, model.parameters())
@@ -514,10 +526,11 @@ def checkpoint_worker(rank: int, world_size: int, spec: RunSpec, root: str | Non
         loaded = full_parameters(model)
     stop = spec.steps if stop is None else stop
     hooks = _CheckpointHooks(rank, root, save_every, kill_at, kill_rank, log_path)
-    losses = _train_fsdp(spec, model, optimizer, start, stop, rank, world_size, hooks)
+    losses, seconds = _train_fsdp(spec, model, optimizer, start, stop, rank, world_size, hooks)
     params = full_parameters(model)
-    return {"start": start, "losses": losses, "memory": state_bytes(model, optimizer),
-            "loaded": loaded if rank == 0 else None, "parameters": params if rank == 0 else None}
+    return {"start": start, "losses": losses, "seconds": seconds,
+            "memory": state_bytes(model, optimizer), "loaded": loaded if rank == 0 else None,
+            "parameters": params if rank == 0 else None}
 
 
 def load_checkpoint_single(spec: RunSpec, path: str | os.PathLike) -> tuple[nn.Module,
