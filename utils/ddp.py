@@ -265,12 +265,19 @@ def naive_all_reduce(tensor: torch.Tensor, counter: CommCounter | None = None) -
     return tensor
 
 
-def _time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # CUDA work is asynchronous: wait for it before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(repeats):
         dist.barrier()
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -328,7 +335,7 @@ def collectives_worker(rank: int, world_size: int, n: int = 10_007, seed: int = 
             fn()
         for _ in range(repeats):  # alternating rounds, so that load drift hits all three alike
             for name, fn in ways.items():
-                times[name] += _time_calls(fn, 1)
+                times[name] += _time_calls(fn, 1, device)
         out["times"] = times
     return out
 
@@ -488,17 +495,19 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
     return out
 
 
-def _timed_step(fn: Callable[[], Any]) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _timed_step(fn: Callable[[], Any], device: torch.device) -> float:
+    return _time_calls(fn, 1, device)[0]
 
 
 def bucket_timeline(ddp: nn.parallel.DistributedDataParallel, model: nn.Module,
                      xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any]:
-    """One forward+backward with hooks: when each gradient is ready, when each bucket's all-reduce
-    starts and ends (seconds from the start of backward)."""
+    """One forward and backward of ``ddp`` (wrapping ``model``), with hooks that record, in seconds
+    from the start of backward: when each parameter's gradient is ready (``grad_ready``), when each
+    bucket's all-reduce is started (``bucket_start``, with its size ``bucket_numel``) and finished
+    (``bucket_end``), and when ``backward()`` returned. The all-reduce is DDP's own default
+    (``default_hooks.allreduce_hook``: sum, divided by the world size); only the clock is added.
+    Registers a communication hook, so call it once per DDP instance. On a GPU these are host-side
+    times (when work was queued, when the all-reduce's future completed)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     events: dict[str, list] = {"grad_ready": [], "bucket_start": [], "bucket_end": [],
@@ -569,11 +578,11 @@ def timing_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor,
         settings[cap] = ddp_step
     for fn in settings.values():
         for _ in range(warmup):  # DDP rebuilds its buckets in gradient-ready order after step 1
-            _timed_step(fn)
+            _timed_step(fn, device)
     times: dict[Any, list[float]] = {name: [] for name in settings}
     for _ in range(rounds):
         for name, fn in settings.items():
-            times[name].append(_timed_step(fn))
+            times[name].append(_timed_step(fn, device))
     timelines = {}
     for cap, model in ddps.items():
         model.zero_grad(set_to_none=True)
