@@ -48,6 +48,12 @@ def _block(seed: int = 0) -> Block:
     return block
 
 
+def _near(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: 1e-5 of the largest entry (sums run in another order)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
+
+
 def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in module.named_parameters()}
 
@@ -230,22 +236,20 @@ def test_two_rank_block_and_moe_equal_dense():
     (y * y).sum().backward()
     grads = _grads(block)
     for rank, out in enumerate(outs):
-        torch.testing.assert_close(out["block_y"], y, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out["block_dx"], x.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out["dt_block_y"], out["block_y"], rtol=1e-5, atol=1e-6)
+        _near(out["block_y"], y.detach())
+        _near(out["block_dx"], x.grad)
+        _near(out["dt_block_y"], out["block_y"])
         wq_rows = shard_range(CFG.d_model, rank, 2)
-        torch.testing.assert_close(out["block_grads"]["attn.wq.weight"],
-                                   grads["attn.wq.weight"][wq_rows], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out["block_grads"]["mlp.w_down.weight"],
-                                   grads["mlp.w_down.weight"][:, shard_range(CFG.d_ff, rank, 2)],
-                                   rtol=1e-5, atol=1e-6)
+        _near(out["block_grads"]["attn.wq.weight"], grads["attn.wq.weight"][wq_rows])
+        _near(out["block_grads"]["mlp.w_down.weight"],
+              grads["mlp.w_down.weight"][:, shard_range(CFG.d_ff, rank, 2)])
         assert [e[:2] for e in out["block_log"]].count(("all_reduce", "forward")) == 2
 
     moe = MoE(CFG, 4, 2)
     xs = [torch.randn(2, 3, CFG.d_model), torch.randn(2, 3, CFG.d_model)]
     outs = launch(expert_parallel_worker, 2, CFG, 4, 2, moe.state_dict(), xs, timeout_s=240)
     x = torch.cat(xs)
-    torch.testing.assert_close(torch.cat([o["y"] for o in outs]), moe(x), rtol=1e-5, atol=1e-6)
+    _near(torch.cat([o["y"] for o in outs]), moe(x).detach())
     assert [o["experts"] for o in outs] == [[0, 1], [2, 3]]
 
 
@@ -265,11 +269,9 @@ def test_two_stage_pipeline_equals_the_whole_model():
     lm_loss(logits, targets).backward()
     for name in ("GPipe", "1F1B"):
         check = outs[1]["check"][name]
-        torch.testing.assert_close(check["train_logits"], logits, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.stack(check["losses"]).mean(), lm_loss(logits, targets))
-        torch.testing.assert_close(outs[0]["check"][name]["grads"]["tok_emb.weight"],
-                                   model.tok_emb.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(check["grads"]["lm_head.weight"], model.lm_head.weight.grad,
-                                   rtol=1e-5, atol=1e-6)
+        _near(check["train_logits"], logits.detach())
+        _near(torch.stack(check["losses"]).mean(), lm_loss(logits, targets).detach())
+        _near(outs[0]["check"][name]["grads"]["tok_emb.weight"], model.tok_emb.weight.grad)
+        _near(check["grads"]["lm_head.weight"], model.lm_head.weight.grad)
     assert outs[0]["check"]["GPipe"]["eval_logits"] is None  # only the last stage has logits
     assert {(t["schedule"], t["m"]) for t in outs[0]["timings"]} == {("GPipe", 2), ("1F1B", 2)}
