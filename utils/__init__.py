@@ -69,6 +69,7 @@ Distributed and serving (Part 8)
 
 - :mod:`utils.distributed` ``launch``: a function on several processes joined by torch.distributed (gloo/nccl)
 - :mod:`utils.ddp`       ring all-reduce from send/recv, bytes per rank, DDP and gradient accumulation checks
+- :mod:`utils.sharding`  ZeRO stage memory, FSDP2 shard sizes, sharded training, dcp checkpoints, kill and resume
 - :mod:`utils.model_parallel` Megatron tensor parallelism, pipeline stages and bubbles, expert parallelism
 - :mod:`utils.fastdecode` weight-only int8/int4 layers on PyTorch's packed CPU kernels, bytes per token, decode bound
 - :mod:`utils.serving`   ragged batches with a padding mask, a paged KV cache, continuous batching, multi-LoRA
