@@ -43,6 +43,7 @@ from torch import nn
 
 from utils.attention import causal_mask, scaled_dot_product_attention
 from utils.checks import check_positive_int
+from utils.distributed import rank_device
 from utils.llama import Block, Llama, LlamaConfig, RMSNorm
 from utils.moe import MoE, route
 from utils.positions import rope_cos_sin, rope_rotate
@@ -94,7 +95,7 @@ class CommLog:
         self.events.append((op, phase, tensor.numel() * tensor.element_size()))
 
     def count(self, op: str | None = None, phase: str | None = None) -> int:
-        """How many collectives matched ``op`` ("all_reduce", ...) and ``phase`` ("forward", ...)."""
+        """How many collectives matched ``op`` ("all_reduce", ...) and ``phase`` ("forward")."""
         return sum(1 for o, p, _ in self.events if op in (None, o) and phase in (None, p))
 
     def bytes(self, op: str | None = None, phase: str | None = None) -> int:
@@ -167,7 +168,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 class _GatherFromTP(torch.autograd.Function):
-    """All-gather along the last dimension forward; keep this rank's slice of the gradient backward."""
+    """All-gather along the last dimension forward; this rank's slice of the gradient backward."""
 
     @staticmethod
     def forward(ctx, x, group, log):  # type: ignore[override]
@@ -187,7 +188,7 @@ class _GatherFromTP(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup | None = None,
                log: CommLog | None = None) -> torch.Tensor:
-    """$f$: ``x`` unchanged; in the backward pass its gradient is all-reduced (summed) over ``group``.
+    """$f$: ``x`` unchanged; in the backward pass its gradient is summed over ``group``.
 
     Put it where a replicated activation enters column-parallel layers: each rank's layers give a
     gradient for their own output slice only, and the input's true gradient is the sum of them.
@@ -269,8 +270,8 @@ class RowParallelLinear(nn.Module):
 class TensorParallelAttention(nn.Module):
     """Rank $r$'s heads of a :class:`utils.llama.Attention`.
 
-    $W_Q$, $W_K$, $W_V$ are column-parallel by whole heads: $h/t$ query heads and $h_{kv}/t$ KV heads
-    per rank (both must divide by $t$; query head $i$ reads KV head $i // (h/h_{kv})$, and a
+    $W_Q$, $W_K$, $W_V$ are column-parallel by whole heads: $h/t$ query heads and $h_{kv}/t$ KV
+    heads per rank (both must divide by $t$; query head $i$ reads KV head $i // (h/h_{kv})$, and a
     contiguous block of query heads lands with its own KV heads). Attention runs on the local heads
     with no communication; $W_O$ is row-parallel and ends in the one forward all-reduce.
     """
@@ -323,7 +324,7 @@ class TensorParallelMLP(nn.Module):
 
 
 class TensorParallelBlock(nn.Module):
-    """A :class:`utils.llama.Block` cut over ``world_size`` ranks; this object is rank ``rank``'s part.
+    """A :class:`utils.llama.Block` cut over ``world_size`` ranks; this is rank ``rank``'s part.
 
     The RMSNorm gains are replicated (every rank normalises the whole residual stream); attention
     and MLP are :class:`TensorParallelAttention` and :class:`TensorParallelMLP`. Forward: 2
@@ -333,7 +334,8 @@ class TensorParallelBlock(nn.Module):
     def __init__(self, dense: Block, rank: int, world_size: int,
                  group: dist.ProcessGroup | None = None, log: CommLog | None = None) -> None:
         super().__init__()
-        self.attn_norm, self.mlp_norm = copy.deepcopy(dense.attn_norm), copy.deepcopy(dense.mlp_norm)
+        self.attn_norm = copy.deepcopy(dense.attn_norm)
+        self.mlp_norm = copy.deepcopy(dense.mlp_norm)
         self.attn = TensorParallelAttention(dense.attn, rank, world_size, group, log)
         self.mlp = TensorParallelMLP(dense.mlp, rank, world_size, group, log)
 
@@ -388,7 +390,8 @@ def split_llama(model: Llama, n_stages: int) -> list[LlamaStage]:
     n_stages = check_positive_int("n_stages", n_stages)
     n_layers = len(model.layers)
     if n_stages > n_layers:
-        raise ValueError(f"cannot cut {n_layers} layers into {n_stages} stages of at least one layer")
+        raise ValueError(f"cannot cut {n_layers} layers into {n_stages} stages of at least one "
+                         f"layer")
     if n_stages > 1 and model.lm_head.weight is model.tok_emb.weight:
         raise ValueError("the output head is tied to the token embedding; build the model with "
                          "LlamaConfig(tie_embeddings=False) to split it into pipeline stages")
@@ -407,7 +410,8 @@ def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     With $p$ stages, $m$ microbatches and equal forward (and backward) times per stage, a step
     lasts $m + p - 1$ slots of which each stage is busy for $m$: the first stage waits $p-1$ slots
     for the last one to finish the forward of microbatch 1 ... and so on. 1F1B has the same bubble
-    (it reorders work, it does not remove the fill and drain); it keeps fewer microbatches in flight.
+    (it reorders work, it does not remove the fill and drain); it keeps fewer microbatches in
+    flight.
     """
     p = check_positive_int("n_stages", n_stages)
     m = check_positive_int("n_microbatches", n_microbatches)
@@ -470,7 +474,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ExpertParallelMoE(nn.Module):
-    """Rank $r$'s part of a :class:`utils.moe.MoE`: the whole router, experts ``shard_range(E, r, t)``.
+    """Rank $r$'s part of a :class:`utils.moe.MoE`: the router, experts ``shard_range(E, r, t)``.
 
     Each rank routes *its own* tokens, then (1) sorts the (token, expert) assignments by the rank
     that owns the expert, (2) exchanges how many it will send to each rank (an all-to-all of
@@ -484,10 +488,12 @@ class ExpertParallelMoE(nn.Module):
                  group: dist.ProcessGroup | None = None, log: CommLog | None = None) -> None:
         super().__init__()
         mine = shard_range(dense.n_experts, rank, world_size, "n_experts")
-        self.n_experts, self.top_k, self.renormalize = dense.n_experts, dense.top_k, dense.renormalize
+        self.n_experts, self.top_k = dense.n_experts, dense.top_k
+        self.renormalize = dense.renormalize
         self.world_size, self.first_expert = world_size, mine.start
         self.router = copy.deepcopy(dense.router)
-        self.experts = nn.ModuleList(copy.deepcopy(dense.experts[e]) for e in range(mine.start, mine.stop))
+        self.experts = nn.ModuleList(copy.deepcopy(dense.experts[e])
+                                     for e in range(mine.start, mine.stop))
         self.group, self.log = group, log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -504,7 +510,7 @@ class ExpertParallelMoE(nn.Module):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # (2) the counts
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        recv_id = torch.empty(sum(recv), dtype=expert.dtype)  # which expert each row is for
+        recv_id = torch.empty(sum(recv), dtype=expert.dtype, device=x.device)  # expert per row
         dist.all_to_all_single(recv_id, expert.contiguous(), recv, send, group=self.group)
         outgoing = x[token].contiguous()
         if self.log is not None:
@@ -526,7 +532,7 @@ class ExpertParallelMoE(nn.Module):
 
 
 def ring_allreduce_bytes(size_bytes: float, world_size: int) -> float:
-    """Bytes each rank sends (and receives) in a ring all-reduce of ``size_bytes``: $2(t-1)/t \\cdot S$.
+    """Bytes each rank sends (and receives) in a ring all-reduce of $S$ bytes: $2(t-1)/t \\cdot S$.
 
     The ring's reduce-scatter and all-gather each pass $t - 1$ chunks of $S/t$ (Patarasuk and Yuan's
     bandwidth-optimal algorithm, the one NCCL uses for large messages).
@@ -580,8 +586,19 @@ def ep_bytes_per_layer(d_model: int, tokens: int, top_k: int, ep: int,
 
 
 def _state_grads(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in module.named_parameters()
+    return {name: p.grad.detach().cpu().clone() for name, p in module.named_parameters()
             if p.grad is not None}
+
+
+def _cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (dicts, lists, tuples) detached and moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_state: dict,
@@ -604,8 +621,9 @@ def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_s
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
 
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device_type, (world_size,))
+    device = rank_device(rank, dist.get_backend())
+    mesh = init_device_mesh(device.type, (world_size,))
+    x_block, x_linear = x_block.to(device), x_linear.to(device)
     out: dict[str, Any] = {}
 
     def run(module, x, *args):
@@ -616,6 +634,7 @@ def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_s
 
     dense = nn.Linear(linear_state["weight"].shape[1], linear_state["weight"].shape[0], bias=True)
     dense.load_state_dict(linear_state)
+    dense.to(device)
     # 1a. column-parallel, output gathered
     log = CommLog()
     col = ColumnParallelLinear(dense, rank, world_size, gather_output=True, log=log)
@@ -638,7 +657,9 @@ def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_s
     # 2. a Llama block
     block = Block(cfg)
     block.load_state_dict(block_state)
-    cos, sin = rope_cos_sin(torch.arange(x_block.shape[1]), cfg.head_dim, cfg.rope_theta)
+    block.to(device)
+    cos, sin = rope_cos_sin(torch.arange(x_block.shape[1], device=device), cfg.head_dim,
+                            cfg.rope_theta)
     log = CommLog()
     tp = TensorParallelBlock(block, rank, world_size, log=log)
     out["block_y"], out["block_dx"] = run(tp, x_block, cos, sin)
@@ -656,7 +677,7 @@ def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_s
     out["dt_block_grads"] = {
         name: (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).detach().clone()
         for name, p in theirs.named_parameters()}
-    return out
+    return _cpu(out)
 
 
 class _Timed:
@@ -691,7 +712,7 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     schedules = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
-    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = rank_device(rank, dist.get_backend())
 
     def build(schedule_cls, m):
         model = Llama(cfg)
@@ -707,7 +728,7 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
         args = (idx.to(device),) if is_first else ()
         kwargs = {"target": targets.to(device), "losses": losses} if is_last else {}
         y = schedule.step(*args, **kwargs) if train else schedule.eval(*args, **kwargs)
-        return y, [loss.detach().cpu() for loss in losses]
+        return _cpu(y), [loss.detach().cpu() for loss in losses]
 
     out: dict[str, Any] = {"stage_layers": None, "check": {}, "timings": []}
     m_check = microbatches[-1]
@@ -717,9 +738,8 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
         with torch.no_grad():
             y_eval, _ = step(schedule, train=False)
         y_train, losses = step(schedule)
-        out["check"][name] = {"eval_logits": None if y_eval is None else y_eval.cpu(),
-                              "train_logits": None if y_train is None else y_train.detach().cpu(),
-                              "losses": losses, "grads": _state_grads(module)}
+        out["check"][name] = {"eval_logits": y_eval, "train_logits": y_train, "losses": losses,
+                              "grads": _state_grads(module)}
     for m in microbatches:
         for name, cls in schedules.items():
             if name == "1F1B" and m < world_size:
@@ -745,16 +765,18 @@ def expert_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, n_exper
     gradients of the router (this rank's tokens only: summing over ranks gives the dense one) and
     of this rank's experts, the experts it holds and the :class:`CommLog`.
     """
+    device = rank_device(rank, dist.get_backend())
     dense = MoE(cfg, n_experts, top_k)
     dense.load_state_dict(moe_state)
     log = CommLog()
-    layer = ExpertParallelMoE(dense, rank, world_size, log=log)
-    x = x_by_rank[rank].clone().requires_grad_(True)
+    layer = ExpertParallelMoE(dense.to(device), rank, world_size, log=log)
+    x = x_by_rank[rank].to(device).requires_grad_(True)
     y = layer(x)
     (y * y).sum().backward()
     first = layer.first_expert
-    return {"y": y.detach(), "dx": x.grad.detach(), "router_grad": layer.router.weight.grad.clone(),
-            "expert_grads": {f"experts.{first + i}.{name}": p.grad.clone()
-                             for i, e in enumerate(layer.experts)
-                             for name, p in e.named_parameters()},
-            "experts": list(range(first, first + len(layer.experts))), "log": list(log.events)}
+    return _cpu({"y": y, "dx": x.grad, "router_grad": layer.router.weight.grad,
+                 "expert_grads": {f"experts.{first + i}.{name}": p.grad
+                                  for i, e in enumerate(layer.experts)
+                                  for name, p in e.named_parameters()},
+                 "experts": list(range(first, first + len(layer.experts))),
+                 "log": list(log.events)})
