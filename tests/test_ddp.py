@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from utils.ddp import (CommCounter, accumulated_gradients, allreduce_seconds, batch_gradients,
-                       chunk_sizes, collectives_worker, ddp_worker, loss_fn, make_model,
+                       chunk_sizes, collectives_worker, ddp_worker, make_model,
                        naive_allreduce_elements, ring_all_reduce, ring_allreduce_elements,
                        ring_allreduce_formula, ring_schedule, sequence_worker, shard, timing_worker,
                        train_steps)
 from utils.distributed import launch
 from utils.llama import LlamaConfig
+from utils.pretrain import lm_loss as loss_fn
 
 TINY = LlamaConfig(vocab_size=31, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                    rope_theta=10_000.0)
@@ -192,6 +193,8 @@ def test_workers_in_this_process(one_rank_group):
     _close(ddp["ddp_grads"], batch_gradients(make_model(TINY), x, y), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="equal micro-batches"):
         ddp_worker(0, 1, TINY, x, y, 1, 1e-3, 3, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ring_all_reduce(torch.zeros(4, 3).t())
     timing = timing_worker(0, 1, TINY, x, y, (0.01,), 1, 1, 0)
     timeline = timing["timelines"][0.01]
     assert len(timeline["bucket_start"]) == len(timeline["bucket_end"]) > 1

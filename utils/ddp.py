@@ -37,17 +37,17 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from utils.checks import check_positive_int, check_positive_number
 from utils.distributed import rank_device
 from utils.llama import Llama, LlamaConfig
+from utils.pretrain import lm_loss
 
 __all__ = [
     "chunk_sizes",
@@ -63,7 +63,6 @@ __all__ = [
     "naive_all_reduce",
     "collectives_worker",
     "make_model",
-    "loss_fn",
     "batch_gradients",
     "accumulated_gradients",
     "train_steps",
@@ -127,7 +126,8 @@ def naive_allreduce_elements(n: int, p: int) -> list[int]:
     """Elements each rank sends when all ranks send to rank 0, which sums and sends the result back.
 
     Rank 0 sends ``(p - 1) n`` (the result to every other rank) and receives as much; every other
-    rank sends ``n``. The busiest link carries ``(p - 1) n``: it grows with ``p``, the ring's does not.
+    rank sends ``n``. The busiest link carries ``(p - 1) n``: it grows with ``p``; the ring's
+    does not.
     """
     n = check_positive_int("n", n, minimum=0)
     p = check_positive_int("p", p)
@@ -150,7 +150,7 @@ def allreduce_seconds(n_bytes: float, p: int, bandwidth_bytes_per_s: float,
     return 2 * (p - 1) * (latency_s + n_bytes / (p * bandwidth))
 
 
-# --------------------------------------------------------------------------- point-to-point collectives
+# ------------------------------------------------------------------- point-to-point collectives
 
 
 @dataclass
@@ -231,7 +231,7 @@ def ring_all_gather(tensor: torch.Tensor, counter: CommCounter | None = None,
 
 def ring_all_reduce(tensor: torch.Tensor, counter: CommCounter | None = None,
                     group: Any = None) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place: :func:`ring_reduce_scatter` then :func:`ring_all_gather`.
+    """Sum ``tensor`` over all ranks, in place: reduce-scatter, then all-gather, by a ring.
 
     Each rank sends ``2 (p - 1)`` chunks, $2\\,\\frac{p-1}{p}\\,N$ elements in all.
     """
@@ -340,19 +340,13 @@ def collectives_worker(rank: int, world_size: int, n: int = 10_007, seed: int = 
     return out
 
 
-# --------------------------------------------------------------------------- single-process references
+# ------------------------------------------------------------------- single-process references
 
 
 def make_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
-    """A :class:`utils.llama.Llama` with weights drawn from ``seed`` (identical in every process)."""
+    """A :class:`utils.llama.Llama` with weights drawn from ``seed`` (the same in every process)."""
     torch.manual_seed(seed)
     return Llama(cfg)
-
-
-def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all ``batch * context`` positions (as ``utils.pretrain``)."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -363,7 +357,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Gradients of the mean loss on the whole batch ``(x, y)``, by parameter name (CPU copies)."""
     model.zero_grad(set_to_none=True)
-    loss_fn(model, x, y).backward()
+    lm_loss(model, x, y).backward()
     return _grads(model)
 
 
@@ -381,7 +375,7 @@ def accumulated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          f"unequal ones would need weights by size, not 1/{k}")
     model.zero_grad(set_to_none=True)
     for xk, yk in zip(x.chunk(k), y.chunk(k)):
-        (loss_fn(model, xk, yk) / k).backward()
+        (lm_loss(model, xk, yk) / k).backward()
     return _grads(model)
 
 
@@ -392,7 +386,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
+        lm_loss(model, x, y).backward()
         opt.step()
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
@@ -445,12 +439,12 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
 
     ddp = _ddp(make_model(cfg, seed), rank)
     ddp.zero_grad(set_to_none=True)
-    loss_fn(ddp, xs, ys).backward()
+    lm_loss(ddp, xs, ys).backward()
     out["ddp_grads"] = _ddp_grads(ddp)
 
     scratch = make_model(cfg, seed).to(device)
     scratch.zero_grad(set_to_none=True)
-    loss_fn(scratch, xs, ys).backward()
+    lm_loss(scratch, xs, ys).backward()
     nbytes = 0
     for p in scratch.parameters():
         dist.all_reduce(p.grad)
@@ -463,7 +457,7 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
     opt = torch.optim.AdamW(ddp.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss_fn(ddp, xs, ys).backward()
+        lm_loss(ddp, xs, ys).backward()
         opt.step()
     out["ddp_params"] = {n.removeprefix("module."): p.detach().cpu().clone()
                          for n, p in ddp.named_parameters()}
@@ -472,7 +466,7 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
     opt = torch.optim.AdamW(scratch.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss_fn(scratch, xs, ys).backward()
+        lm_loss(scratch, xs, ys).backward()
         for p in scratch.parameters():
             dist.all_reduce(p.grad)
             p.grad /= world_size
@@ -488,9 +482,9 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
     for k, (xk, yk) in enumerate(pieces):
         if k < len(pieces) - 1:
             with ddp.no_sync():  # gradients accumulate locally; no all-reduce
-                (loss_fn(ddp, xk, yk) / micro_batches).backward()
+                (lm_loss(ddp, xk, yk) / micro_batches).backward()
         else:  # the last micro-batch's backward all-reduces the accumulated gradients
-            (loss_fn(ddp, xk, yk) / micro_batches).backward()
+            (lm_loss(ddp, xk, yk) / micro_batches).backward()
     out["accum_grads"] = _ddp_grads(ddp)
     return out
 
@@ -530,7 +524,7 @@ def bucket_timeline(ddp: nn.parallel.DistributedDataParallel, model: nn.Module,
     handles = [p.register_post_accumulate_grad_hook(
         lambda p: events["grad_ready"].append(time.perf_counter() - t0[0]))
         for p in model.parameters()]
-    loss = loss_fn(ddp, xs, ys)
+    loss = lm_loss(ddp, xs, ys)
     dist.barrier()
     t0[0] = time.perf_counter()
     loss.backward()
@@ -566,14 +560,14 @@ def timing_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor,
     def no_comm() -> None:
         with nosync.no_sync():
             nosync.zero_grad(set_to_none=True)
-            loss_fn(nosync, xs, ys).backward()
+            lm_loss(nosync, xs, ys).backward()
 
     settings: dict[Any, Callable[[], Any]] = {"no communication": no_comm}
     ddps = {cap: _ddp(copy.deepcopy(base), rank, bucket_cap_mb=cap) for cap in bucket_caps_mb}
     for cap, model in ddps.items():
         def ddp_step(model: nn.Module = model) -> None:
             model.zero_grad(set_to_none=True)
-            loss_fn(model, xs, ys).backward()
+            lm_loss(model, xs, ys).backward()
 
         settings[cap] = ddp_step
     for fn in settings.values():
