@@ -1,5 +1,5 @@
-"""utils.sharding: ZeRO arithmetic against the paper, FSDP2 shard sizes, and the workers (run in this
-process on a one-rank gloo group for coverage, and once on two spawned ranks with a planted crash)."""
+"""utils.sharding: ZeRO arithmetic against the paper, FSDP2 shard sizes, and the workers (run in
+this process on a one-rank gloo group for coverage, and on two spawned ranks with a planted crash)."""
 from __future__ import annotations
 
 import json
@@ -203,3 +203,28 @@ def test_crash_then_resume_on_two_ranks(tmp_path):
     assert out[0]["losses"] == out[1]["losses"]
     assert out[0]["losses"][0] == read_log(log)[4]  # same ranks, same data: bit for bit
     assert os.path.exists(path / ".metadata")
+
+
+def test_mixed_precision_policy_keeps_fp32_shards(group):
+    """The chapter's GPU section: with bf16 compute, the shards stay fp32 (16 bytes/param)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    s = spec(steps=1)
+    model = build_model(s)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = batch_at(s, 0)
+    logits = model(x)
+    assert logits.dtype == torch.bfloat16  # computed in bf16
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    mem = state_bytes(model, opt)
+    assert mem["parameters"] + mem["gradients"] + mem["optimizer"] == 16 * n
