@@ -1,5 +1,5 @@
 """utils.sharding: ZeRO arithmetic against the paper, FSDP2 shard sizes, and the workers (run in
-this process on a one-rank gloo group for coverage, and on two spawned ranks with a planted crash)."""
+this process on a one-rank gloo group for coverage, and on two spawned ranks with a crash)."""
 from __future__ import annotations
 
 import json
