@@ -671,7 +671,7 @@ def tensor_parallel_worker(rank: int, world_size: int, cfg: LlamaConfig, block_s
             "mlp.w_gate": ColwiseParallel(), "mlp.w_up": ColwiseParallel(),
             "mlp.w_down": RowwiseParallel()}
     parallelize_module(theirs, mesh, plan)
-    theirs.attn.n_heads //= world_size  # the local view of the heads, as torchtitan does
+    theirs.attn.n_heads //= world_size  # our Attention reshapes by its head counts: local ones
     theirs.attn.n_kv_heads //= world_size
     out["dt_block_y"], out["dt_block_dx"] = run(theirs, x_block, cos, sin)
     out["dt_block_grads"] = {
