@@ -12,10 +12,10 @@ Two halves:
   :func:`train_steps`.
 - **Workers** for :func:`utils.distributed.launch` (they need an initialised process group):
   :func:`ring_reduce_scatter`, :func:`ring_all_gather` and :func:`ring_all_reduce` built from
-  point-to-point ``isend``/``irecv`` with a :class:`CommCounter` that counts the bytes they send;
-  :func:`naive_all_reduce`; and the experiments the chapter launches, :func:`collectives_worker`
-  (ours against ``dist.all_reduce``, ``reduce_scatter_single``, ``all_gather_single``),
-  :func:`ddp_worker` (DDP and our own data parallelism against one process on the full batch;
+  point-to-point ``isend``/``irecv`` (:func:`ring_exchange`), with a :class:`CommCounter` that
+  counts the bytes they send; :func:`naive_all_reduce`; and the experiments the chapter
+  launches, :func:`collectives_worker` (ours against ``dist.all_reduce``,
+  ``reduce_scatter_single`` and ``all_gather_single``), :func:`ddp_worker` (DDP and our own data parallelism against one process on the full batch;
   gradient accumulation with ``no_sync``) and :func:`timing_worker` (DDP step times for several
   bucket sizes, with and without overlap, and a timeline of each bucket's all-reduce).
 
@@ -57,6 +57,7 @@ __all__ = [
     "naive_allreduce_elements",
     "allreduce_seconds",
     "CommCounter",
+    "ring_exchange",
     "ring_reduce_scatter",
     "ring_all_gather",
     "ring_all_reduce",
@@ -175,14 +176,22 @@ def _world(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int, p: int,
-              counter: CommCounter | None, group: Any = None) -> None:
-    """Send ``send`` to the next rank and receive ``recv`` from the previous one, concurrently."""
+def ring_exchange(send: torch.Tensor, recv: torch.Tensor, counter: CommCounter | None = None,
+                  group: Any = None) -> None:
+    """One ring step: send ``send`` to rank ``r + 1`` while receiving ``recv`` from rank ``r - 1``.
+
+    Both are posted as one batch with ``dist.batch_isend_irecv``, whose documentation guarantees
+    that the order of a send and a receive within a batch cannot deadlock (with two blocking calls,
+    every rank could sit in its send waiting for a receive that nobody has posted). Waits for both
+    and counts the bytes in ``counter``.
+    """
+    rank, p = _world(group)
     to, frm = (rank + 1) % p, (rank - 1) % p
-    if group is not None:  # isend/irecv take global ranks
+    if group is not None:  # P2POp takes global ranks
         to, frm = dist.get_global_rank(group, to), dist.get_global_rank(group, frm)
-    requests = [dist.isend(send.contiguous(), to, group=group), dist.irecv(recv, frm, group=group)]
-    for request in requests:
+    ops = [dist.P2POp(dist.isend, send.contiguous(), to, group),
+           dist.P2POp(dist.irecv, recv, frm, group)]
+    for request in dist.batch_isend_irecv(ops):
         request.wait()
     if counter is not None:
         counter.add(send, recv)
@@ -209,7 +218,7 @@ def ring_reduce_scatter(tensor: torch.Tensor, counter: CommCounter | None = None
         if phase != "reduce-scatter":
             break
         buffer = torch.empty_like(chunks[recv])
-        _exchange(chunks[send], buffer, rank, p, counter, group)
+        ring_exchange(chunks[send], buffer, counter, group)
         chunks[recv].add_(buffer)
     return chunks[rank]
 
@@ -225,7 +234,7 @@ def ring_all_gather(tensor: torch.Tensor, counter: CommCounter | None = None,
     chunks = _chunks(tensor, p)
     for phase, _, send, recv in ring_schedule(rank, p):
         if phase == "all-gather":
-            _exchange(chunks[send], chunks[recv], rank, p, counter, group)
+            ring_exchange(chunks[send], chunks[recv], counter, group)
     return tensor
 
 
