@@ -15,9 +15,10 @@ Two halves:
   point-to-point ``isend``/``irecv`` (:func:`ring_exchange`), with a :class:`CommCounter` that
   counts the bytes they send; :func:`naive_all_reduce`; and the experiments the chapter
   launches, :func:`collectives_worker` (ours against ``dist.all_reduce``,
-  ``reduce_scatter_single`` and ``all_gather_single``), :func:`ddp_worker` (DDP and our own data parallelism against one process on the full batch;
-  gradient accumulation with ``no_sync``) and :func:`timing_worker` (DDP step times for several
-  bucket sizes, with and without overlap, and a timeline of each bucket's all-reduce).
+  ``reduce_scatter_single`` and ``all_gather_single``), :func:`ddp_worker` (DDP and our own
+  data parallelism against one process on the full batch; gradient accumulation with
+  ``no_sync``) and :func:`timing_worker` (DDP step times for several bucket sizes, with and
+  without overlap, and a timeline of each bucket's all-reduce, :func:`bucket_timeline`).
 
 The ring, for ``p`` ranks and a buffer cut into ``p`` chunks: in the **reduce-scatter** phase, at
 step ``s = 0 .. p-2`` rank ``r`` sends chunk ``(r - s - 1) mod p`` to rank ``r + 1`` and adds the
