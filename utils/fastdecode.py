@@ -28,8 +28,8 @@ too) and leaves norms, embeddings, attention and the KV cache in float32.
 :func:`reference_linear` is the from-scratch check: dequantize, then an ordinary float32 matmul.
 
 On this book's CPUs (PyTorch 2.x, x86 with AVX-512) both kernels are fast only with **bfloat16
-activations** (and bfloat16 scales): with float32 activations they fall back to a slow scalar loop,
-10-30x slower than a float32 matmul. The layers therefore cast each input vector to
+activations** (and bfloat16 scales): float32 activations take another code path, many times slower
+(chapter 8-04, Exercise 1, times both). The layers therefore cast each input vector to
 ``compute_dtype`` (bfloat16 by default), multiply, and cast the output back; the scales and zeros
 are rounded to that dtype *before* the codes are chosen, so the stored grid is exactly the one the
 kernel computes with. ``compute_dtype=torch.float32`` keeps everything in float32 (exact against the
