@@ -295,3 +295,12 @@ def test_multi_lora_errors():
     attach_multi_lora(model, adapters, 1.0)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         set_adapter_ids(model, [2])
+
+
+def test_static_batch_is_formed_from_the_requests_waiting_at_that_moment():
+    model, prompts = _model(), _prompts((3, 3))
+    reqs = [Request(0, tuple(prompts[0]), 3, 0.0), Request(1, tuple(prompts[1]), 2, 0.5)]
+    cont = serve(model, reqs, "continuous", timer=_FakeClock())
+    stat = serve(model, reqs, "static", timer=_FakeClock())
+    assert cont[1].first_token_s == 2.0  # arrived during request 0's prefill, joined right after it
+    assert stat[0].finish_s == 3.0 and stat[1].first_token_s == 4.0  # waited for the next batch

@@ -525,8 +525,9 @@ def serve(model: Llama, requests: Sequence[Request], policy: str = "continuous",
 
     1. **Admit.** ``"continuous"``: every waiting request that has arrived joins while fewer than
        ``max_batch`` run and the pool can hold its worst case (prompt + ``max_new_tokens``) next to
-       the others' worst cases, so no request is ever evicted. ``"static"``: the same, but only when
-       nothing is running, so a batch runs until its longest request is done. A joining request's
+       the others' worst cases, so no request is ever evicted (requests that arrive during these
+       prefills may join too). ``"static"``: only when nothing is running, the requests waiting at
+       that moment form a batch, which runs until its longest request is done. A joining request's
        prompt is prefilled alone; its first token comes out of that pass.
     2. **Decode.** One forward pass with one token per running request.
     3. **Retire.** Requests that reached ``max_new_tokens`` or ``eos_token_id`` leave; their blocks go
@@ -571,7 +572,9 @@ def serve(model: Llama, requests: Sequence[Request], policy: str = "continuous",
         if not running and waiting[0].arrival_s > now:
             now = waiting[0].arrival_s  # idle until the next request comes
         may_admit = policy == "continuous" or not running
-        while may_admit and waiting and waiting[0].arrival_s <= now and len(running) < max_batch:
+        cutoff = now  # a static batch is formed from the requests waiting at this moment
+        while (may_admit and waiting and len(running) < max_batch
+               and waiting[0].arrival_s <= (now if policy == "continuous" else cutoff)):
             req = waiting[0]
             blocks = cache.blocks_for(len(req.prompt) + req.max_new_tokens)
             if blocks > len(cache.free_blocks) - sum(s.extra_blocks for s in running.values()):
