@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from utils.distributed import (HOST, PortInUseError, WorkerError, default_backend, free_port,
                                launch, rank_device)
+from utils.measure import process_peak_rss_bytes
 
 
 def sum_of_ranks(rank: int, world_size: int, scale: float) -> dict:
@@ -41,7 +42,10 @@ def wait_forever(rank: int, world_size: int) -> None:
 
 
 def test_launch_returns_results_by_rank():
+    before = process_peak_rss_bytes(include_workers=True) - process_peak_rss_bytes()
     out = launch(sum_of_ranks, 2, 2.0, timeout_s=120)
+    workers = process_peak_rss_bytes(include_workers=True) - process_peak_rss_bytes()
+    assert workers >= before and workers > 2 * 10 * 2**20  # two processes, each with torch loaded
     assert [o["rank"] for o in out] == [0, 1]
     assert all(o["world"] == 2 and torch.equal(o["sum"], torch.tensor([6.0])) for o in out)
 
@@ -106,8 +110,8 @@ def test_entry_in_this_process():
     results = queue.Queue()
     _entry(0, 1, free_port(), "gloo", 1, 30.0, sum_of_ranks, (3.0,), results)
     _entry(0, 1, free_port(), "gloo", 1, 30.0, raise_on_rank_one, (), results)  # rank 0: fine
-    rank, status, payload = results.get_nowait()
-    assert (rank, status) == (0, "ok") and isinstance(payload, bytes)
+    rank, status, payload, peak = results.get_nowait()
+    assert (rank, status) == (0, "ok") and isinstance(payload, bytes) and peak > 10 * 2**20
     assert results.get_nowait()[1] == "ok" and not dist.is_initialized()
     results2 = queue.Queue()
     _entry(1, 1, free_port(), "gloo", 1, 30.0, sum_of_ranks, (1.0,), results2)  # rank 1 of 1: bad

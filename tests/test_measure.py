@@ -8,6 +8,7 @@ from utils.measure import (
     count_parameters,
     describe_machine,
     peak_memory_bytes,
+    note_worker_peak,
     process_peak_rss_bytes,
 )
 
@@ -121,3 +122,13 @@ def test_machine_description_and_rss():
     text = describe_machine()
     assert "core" in text and "torch" in text
     assert process_peak_rss_bytes() > 10 * 2**20
+
+
+def test_worker_peaks_add_to_the_process_peak():
+    own = process_peak_rss_bytes()
+    note_worker_peak(0)
+    assert process_peak_rss_bytes(include_workers=True) >= own
+    with pytest.raises(ValueError, match="non-negative int"):
+        note_worker_peak(-1)
+    with pytest.raises(ValueError, match="non-negative int"):
+        note_worker_peak(True)

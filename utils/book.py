@@ -110,6 +110,8 @@ class ChapterClock:
 
     Start it in the first cell; call :meth:`finish` in the last, which glues
     ``<prefix>runtime_min``, ``<prefix>peak_rss_gib`` and ``<prefix>machine`` for the card.
+    The peak is the notebook process's own, plus, for chapters that launch worker processes
+    (Part 8), the summed peaks of the largest launch's workers.
     """
 
     def __init__(self) -> None:
@@ -118,7 +120,7 @@ class ChapterClock:
     def finish(self, prefix: str = "chapter_") -> dict[str, object]:
         stats = {
             f"{prefix}runtime_min": (time.perf_counter() - self.start) / 60,
-            f"{prefix}peak_rss_gib": process_peak_rss_bytes() / 2**30,
+            f"{prefix}peak_rss_gib": process_peak_rss_bytes(include_workers=True) / 2**30,
             f"{prefix}machine": describe_machine(),
         }
         for key, value in stats.items():

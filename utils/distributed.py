@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from utils.checks import check_positive_int, check_positive_number
+from utils.measure import note_worker_peak, process_peak_rss_bytes
 
 __all__ = ["WorkerError", "PortInUseError", "free_port", "default_backend", "rank_device", "launch"]
 
@@ -109,9 +110,9 @@ def _entry(rank: int, world_size: int, port: int, backend: str, threads: int, ti
         dist.init_process_group(backend, init_method=f"tcp://{HOST}:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         value = worker(rank, world_size, *args)
-        results.put((rank, "ok", _to_bytes(value)))
+        results.put((rank, "ok", _to_bytes(value), process_peak_rss_bytes()))
     except BaseException:  # report everything, KeyboardInterrupt included
-        results.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc(), process_peak_rss_bytes()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -171,13 +172,14 @@ def launch(worker: Callable[..., Any], world_size: int, *args: Any, backend: str
                                    args, results))
                  for rank in range(world_size)]
     values: dict[int, Any] = {}
+    peaks: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
     try:
         for p in processes:
             p.start()
         while len(values) < world_size:
             try:
-                rank, status, payload = results.get(timeout=0.2)
+                rank, status, payload, peak = results.get(timeout=0.2)
             except queue_lib.Empty:
                 _raise_if_dead(processes, values)
                 if time.monotonic() > deadline:
@@ -194,8 +196,10 @@ def launch(worker: Callable[..., Any], world_size: int, *args: Any, backend: str
                 raise WorkerError(f"rank {rank} of {world_size} raised: {last}\n\n{payload}", rank,
                                   None, payload)
             values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            peaks[rank] = peak
         for p in processes:
             p.join(timeout=30)
+        note_worker_peak(sum(peaks.values()))  # for the chapter's resource card (ChapterClock)
     finally:
         _stop(processes)
         results.close()

@@ -33,6 +33,7 @@ __all__ = [
     "Timing",
     "benchmark",
     "benchmark_interleaved",
+    "note_worker_peak",
     "peak_memory_bytes",
     "process_peak_rss_bytes",
     "count_parameters",
@@ -196,10 +197,30 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
     return max(0, max(total for total, _ in totals) - baseline)
 
 
-def process_peak_rss_bytes() -> int:
-    """The highest resident memory this process has used so far (Linux/macOS)."""
+_WORKER_PEAK_BYTES = 0
+
+
+def note_worker_peak(total_bytes: int) -> None:
+    """Record the summed peak resident memory of one group of worker processes.
+
+    :func:`utils.distributed.launch` calls it after every run; the largest group counts.
+    """
+    global _WORKER_PEAK_BYTES
+    if isinstance(total_bytes, bool) or not isinstance(total_bytes, int) or total_bytes < 0:
+        raise ValueError(f"total_bytes must be a non-negative int, got {total_bytes!r}")
+    _WORKER_PEAK_BYTES = max(_WORKER_PEAK_BYTES, total_bytes)
+
+
+def process_peak_rss_bytes(include_workers: bool = False) -> int:
+    """The highest resident memory this process has used so far (Linux/macOS).
+
+    With ``include_workers``, add the largest summed peak of the worker processes this process
+    launched (:func:`note_worker_peak`): an upper bound on the memory the machine needed at once,
+    since the peaks need not coincide.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
+    peak = peak if platform.system() == "Darwin" else peak * 1024
+    return peak + (_WORKER_PEAK_BYTES if include_workers else 0)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
