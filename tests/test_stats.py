@@ -144,6 +144,9 @@ def test_compare_metric_says_higher_lower_or_cannot_tell():
     assert up.text.startswith("higher by 0.08") and up.text.endswith("n = 24 questions")
     down = compare_metric(a - 0.08, a, higher_is_better=False)
     assert down.word == "lower" and down.better is True
+    # After "by": the size of the drop and its interval, both positive.
+    lo, hi = (float(x) for x in down.text.split("[")[1].split("]")[0].split(", "))
+    assert 0 < lo <= 0.08 <= hi and down.text.startswith("lower by 0.080 [")
     tie = compare_metric(a + rng.normal(0, 0.2, 24), a)
     assert tie.word == "cannot be told apart" and not tie.decided and tie.better is None
     assert "cannot be told apart at n = 24 (difference" in tie.text

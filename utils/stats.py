@@ -401,8 +401,9 @@ def compare_metric(a: Iterable[float], b: Iterable[float], higher_is_better: boo
     ``a`` and ``b`` hold one value per item (0/1 correctness, F1, loss ...), in the same order.
     The word is "higher" or "lower" (``a`` relative to ``b``) when the paired bootstrap interval of
     ``mean(a - b)`` excludes 0, else "cannot be told apart". ``.text`` is glue-ready, e.g.
-    "higher by 0.079 [0.021, 0.14], n = 24" or "cannot be told apart at n = 24 (difference 0.012
-    [-0.031, 0.055])". ``unit`` names what n counts ("questions", "seeds"). ``higher_is_better``
+    "higher by 0.079 [0.021, 0.14], n = 24", "lower by 0.079 [0.021, 0.14], n = 24" (after "by",
+    the size of the change and its interval, both positive) or "cannot be told apart at n = 24
+    (difference 0.012 [-0.031, 0.055])" (the signed difference ``a - b``). ``unit`` names what n counts ("questions", "seeds"). ``higher_is_better``
     only sets ``.better``. With one item each it defers to :func:`single_run`; with fewer than
     ``MIN_METRIC_ITEMS`` it gives the direction of the mean difference, undecided, and says too few.
     """
@@ -420,6 +421,8 @@ def compare_metric(a: Iterable[float], b: Iterable[float], higher_is_better: boo
     if diff.excludes(0):
         word = "higher" if diff.value > 0 else "lower"
         better = (diff.value > 0) == higher_is_better
+        if word == "lower":  # "lower by 0.22 [0.093, 0.38]": the interval of the size of the drop
+            interval = f"[{_sig(-diff.hi)}, {_sig(-diff.lo)}]"
         text = f"{word} by {_sig(abs(diff.value))} {interval}, {n}"
         return Verdict(word, text, diff, decided=True, better=better)
     word = "cannot be told apart"
