@@ -152,8 +152,13 @@ def test_workers_on_two_ranks():
         _close(ddp["ddp_params"], params, rtol=1e-5, atol=1e-6)
         _close(ddp["scratch_grads"], ddp["ddp_grads"], rtol=0, atol=0)
         _close(ddp["scratch_params"], ddp["ddp_params"], rtol=0, atol=0)
-        assert set(timing["times"]) == {"no communication", 0.01, None}
+        settings = {"no communication", 0.01, None}
+        for key in ["times", "last_grad", "exposed", "early", "timelines"]:
+            assert set(timing[key]) == settings, key
+        assert all(len(timing[key][s]) == 1 for key in ["times", "exposed"] for s in settings)
         assert len(timing["timelines"][0.01]["bucket_start"]) > 1
+        assert timing["early"]["no communication"] == [0]  # no_sync: no bucket is all-reduced
+        assert timing["early"][0.01][0] > 0  # small buckets start before backward is done
         assert timing["grad_bytes"] == 4 * sum(p.numel() for p in make_model(TINY).parameters())
 
 
@@ -195,8 +200,14 @@ def test_workers_in_this_process(one_rank_group):
         ddp_worker(0, 1, TINY, x, y, 1, 1e-3, 3, 0)
     with pytest.raises(ValueError, match="contiguous"):
         ring_all_reduce(torch.zeros(4, 3).t())
-    timing = timing_worker(0, 1, TINY, x, y, (0.01,), 1, 1, 0)
+    timing = timing_worker(0, 1, TINY, x, y, (0.01, 1000.0), 2, 1, 0)
+    assert all(len(v) == 2 for key in ["times", "exposed"] for v in timing[key].values())
     timeline = timing["timelines"][0.01]
     assert len(timeline["bucket_start"]) == len(timeline["bucket_end"]) > 1
     assert len(timeline["grad_ready"]) == len(list(make_model(TINY).parameters()))
     assert timeline["backward_returned"] >= max(timeline["bucket_end"])
+    assert timeline["last_grad"] == max(timeline["grad_ready"])
+    assert timeline["exposed"] == timeline["backward_returned"] - timeline["last_grad"] >= 0
+    one = timing["timelines"][1000.0]
+    assert len(one["bucket_start"]) == 1 and timing["early"][1000.0] == [0, 0]
+    assert timing["timelines"]["no communication"]["bucket_start"] == []

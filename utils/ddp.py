@@ -18,7 +18,8 @@ Two halves:
   ``reduce_scatter_single`` and ``all_gather_single``), :func:`ddp_worker` (DDP and our own
   data parallelism against one process on the full batch; gradient accumulation with
   ``no_sync``) and :func:`timing_worker` (DDP step times for several bucket sizes, with and
-  without overlap, and a timeline of each bucket's all-reduce, :func:`bucket_timeline`).
+  without overlap, and in every step a timeline of each bucket's all-reduce,
+  :class:`BackwardClock`).
 
 The ring, for ``p`` ranks and a buffer cut into ``p`` chunks: in the **reduce-scatter** phase, at
 step ``s = 0 .. p-2`` rank ``r`` sends chunk ``(r - s - 1) mod p`` to rank ``r + 1`` and adds the
@@ -70,7 +71,7 @@ __all__ = [
     "train_steps",
     "shard",
     "ddp_worker",
-    "bucket_timeline",
+    "BackwardClock",
     "timing_worker",
     "sequence_worker",
 ]
@@ -499,49 +500,62 @@ def ddp_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y:
     return out
 
 
-def _timed_step(fn: Callable[[], Any], device: torch.device) -> float:
-    return _time_calls(fn, 1, device)[0]
+class BackwardClock:
+    """Hooks on a DDP model that put a clock on every backward: when each gradient is ready, when
+    each bucket's all-reduce starts and finishes, and when ``backward()`` returns.
 
+    ``BackwardClock(ddp)`` registers, once, a post-accumulate-grad hook on every parameter of
+    ``ddp.module`` and a communication hook on ``ddp`` (DDP accepts one per instance, so make one
+    clock per DDP). The all-reduce is DDP's own default (``default_hooks.allreduce_hook``: sum,
+    divided by the world size); only the clock is added. Under ``no_sync()`` no bucket is
+    all-reduced and only the gradients are timed. :meth:`step` runs one forward and backward and
+    returns that step's events, in seconds from the start of backward: ``grad_ready`` (one per
+    parameter), ``bucket_start`` (with the bucket's size, ``bucket_numel``), ``bucket_end``,
+    ``backward_returned``. From them: ``last_grad`` (the last gradient, the compute of backward),
+    ``exposed`` (``backward_returned - last_grad``: the communication nothing hid, plus DDP's
+    bookkeeping) and ``early`` (all-reduces started before the last gradient). On a GPU these are
+    host-side times (when work was queued, when the all-reduce's future completed).
+    """
 
-def bucket_timeline(ddp: nn.parallel.DistributedDataParallel, model: nn.Module,
-                     xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any]:
-    """One forward and backward of ``ddp`` (wrapping ``model``), with hooks that record, in seconds
-    from the start of backward: when each parameter's gradient is ready (``grad_ready``), when each
-    bucket's all-reduce is started (``bucket_start``, with its size ``bucket_numel``) and finished
-    (``bucket_end``), and when ``backward()`` returned. The all-reduce is DDP's own default
-    (``default_hooks.allreduce_hook``: sum, divided by the world size); only the clock is added.
-    Registers a communication hook, so call it once per DDP instance. On a GPU these are host-side
-    times (when work was queued, when the all-reduce's future completed)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    events: dict[str, list] = {"grad_ready": [], "bucket_start": [], "bucket_end": [],
-                               "bucket_numel": []}
-    t0 = [0.0]
-    group = dist.group.WORLD
+        self.ddp = ddp
+        self.events: dict[str, Any] = {}
+        self._t0 = 0.0
+        group = dist.group.WORLD
 
-    def hook(state, bucket):  # no annotations: DDP checks them against its own classes
-        events["bucket_start"].append(time.perf_counter() - t0[0])
-        events["bucket_numel"].append(bucket.buffer().numel())
-        fut = default_hooks.allreduce_hook(group, bucket)
+        def hook(state, bucket):  # no annotations: DDP checks them against its own classes
+            self.events["bucket_start"].append(time.perf_counter() - self._t0)
+            self.events["bucket_numel"].append(bucket.buffer().numel())
+            fut = default_hooks.allreduce_hook(group, bucket)
 
-        def done(f):
-            events["bucket_end"].append(time.perf_counter() - t0[0])
-            return f.value()
+            def done(f):
+                self.events["bucket_end"].append(time.perf_counter() - self._t0)
+                return f.value()
 
-        return fut.then(done)
+            return fut.then(done)
 
-    ddp.register_comm_hook(None, hook)
-    handles = [p.register_post_accumulate_grad_hook(
-        lambda p: events["grad_ready"].append(time.perf_counter() - t0[0]))
-        for p in model.parameters()]
-    loss = lm_loss(ddp, xs, ys)
-    dist.barrier()
-    t0[0] = time.perf_counter()
-    loss.backward()
-    events["backward_returned"] = time.perf_counter() - t0[0]
-    for h in handles:
-        h.remove()
-    return events
+        def ready(p: torch.Tensor) -> None:
+            self.events["grad_ready"].append(time.perf_counter() - self._t0)
+
+        ddp.register_comm_hook(None, hook)
+        self._handles = [p.register_post_accumulate_grad_hook(ready)
+                         for p in ddp.module.parameters()]
+
+    def step(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any]:
+        """Zero the gradients, run forward and backward on ``(xs, ys)``; this step's events."""
+        self.ddp.zero_grad(set_to_none=True)
+        self.events = {"grad_ready": [], "bucket_start": [], "bucket_end": [], "bucket_numel": []}
+        loss = lm_loss(self.ddp, xs, ys)
+        self._t0 = time.perf_counter()
+        loss.backward()
+        events = self.events
+        events["backward_returned"] = time.perf_counter() - self._t0
+        events["last_grad"] = max(events["grad_ready"])
+        events["exposed"] = events["backward_returned"] - events["last_grad"]
+        events["early"] = sum(s < events["last_grad"] for s in events["bucket_start"])
+        return events
 
 
 def timing_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor, y: torch.Tensor,
@@ -556,42 +570,42 @@ def timing_worker(rank: int, world_size: int, cfg: LlamaConfig, x: torch.Tensor,
       buckets after a first bucket of 1 MB; a cap larger than all gradients: one bucket, whose
       all-reduce can only start when backward has finished -- no overlap).
 
-    Returns ``times`` (seconds by setting, this rank's clock), ``grad_bytes``, and ``timelines``:
-    for each DDP setting, one more step with a communication hook that records, in seconds from
-    the start of backward, when each gradient was ready and when each bucket's all-reduce
-    started and finished (:func:`bucket_timeline`); its length is the number of buckets.
+    Every setting carries a :class:`BackwardClock` (the same hooks for all, so the same small
+    overhead), so every timed step also records its backward's events. Returns, by setting and
+    one entry per round (this rank's clock): ``times`` (seconds of forward and backward),
+    ``last_grad`` (seconds from the start of backward to the last gradient), ``exposed``
+    (seconds from the last gradient to the return of ``backward()``) and ``early`` (bucket
+    all-reduces started before the last gradient); ``timelines``, each setting's events in the
+    last round (:meth:`BackwardClock.step`); and ``grad_bytes``.
     """
     device = rank_device(rank, dist.get_backend())
     xs, ys = shard(x, rank, world_size).to(device), shard(y, rank, world_size).to(device)
     base = make_model(cfg, seed).to(device)
     grad_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    nosync = _ddp(copy.deepcopy(base), rank)
+    nosync = BackwardClock(_ddp(copy.deepcopy(base), rank))
 
-    def no_comm() -> None:
-        with nosync.no_sync():
-            nosync.zero_grad(set_to_none=True)
-            lm_loss(nosync, xs, ys).backward()
+    def no_comm() -> dict[str, Any]:
+        with nosync.ddp.no_sync():
+            return nosync.step(xs, ys)
 
-    settings: dict[Any, Callable[[], Any]] = {"no communication": no_comm}
-    ddps = {cap: _ddp(copy.deepcopy(base), rank, bucket_cap_mb=cap) for cap in bucket_caps_mb}
-    for cap, model in ddps.items():
-        def ddp_step(model: nn.Module = model) -> None:
-            model.zero_grad(set_to_none=True)
-            lm_loss(model, xs, ys).backward()
-
-        settings[cap] = ddp_step
+    settings: dict[Any, Callable[[], dict[str, Any]]] = {"no communication": no_comm}
+    for cap in bucket_caps_mb:
+        clock = BackwardClock(_ddp(copy.deepcopy(base), rank, bucket_cap_mb=cap))
+        settings[cap] = lambda clock=clock: clock.step(xs, ys)
     for fn in settings.values():
         for _ in range(warmup):  # DDP rebuilds its buckets in gradient-ready order after step 1
-            _timed_step(fn, device)
-    times: dict[Any, list[float]] = {name: [] for name in settings}
+            _time_calls(fn, 1, device)
+    out: dict[str, Any] = {"rank": rank, "grad_bytes": grad_bytes, "timelines": {}}
+    for key in ["times", "last_grad", "exposed", "early"]:
+        out[key] = {name: [] for name in settings}
     for _ in range(rounds):
         for name, fn in settings.items():
-            times[name].append(_timed_step(fn, device))
-    timelines = {}
-    for cap, model in ddps.items():
-        model.zero_grad(set_to_none=True)
-        timelines[cap] = bucket_timeline(model, model.module, xs, ys)
-    return {"rank": rank, "times": times, "grad_bytes": grad_bytes, "timelines": timelines}
+            events: list[dict[str, Any]] = []
+            out["times"][name] += _time_calls(lambda fn=fn: events.append(fn()), 1, device)
+            for key in ["last_grad", "exposed", "early"]:
+                out[key][name].append(events[0][key])
+            out["timelines"][name] = events[0]
+    return out
 
 
 def sequence_worker(rank: int, world_size: int,
