@@ -210,9 +210,13 @@ def test_workers_run_on_one_rank(one_rank):
     torch.manual_seed(0)
     model = Llama(CFG)
     idx, targets = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (2, 6))
-    out = pipeline_worker(0, 1, CFG, model.state_dict(), idx, targets, [1, 2], repeats=1)
+    out = pipeline_worker(0, 1, CFG, model.state_dict(), idx, targets, [1, 2], repeats=2)
     torch.testing.assert_close(out["check"]["GPipe"]["eval_logits"], model(idx))
-    assert {t["m"] for t in out["timings"]} == {1, 2}
+    # alternating rounds: every setting once per round, round 1 starting one setting later
+    order = [(t["repeat"], t["schedule"], t["m"]) for t in out["timings"]]
+    settings = [("GPipe", 1), ("1F1B", 1), ("GPipe", 2), ("1F1B", 2)]
+    assert order == [(0, *s) for s in settings] + [(1, *s) for s in settings[1:] + settings[:1]]
+    assert all(t["events"] for t in out["timings"])
 
     moe = MoE(CFG, 4, 2)
     x = torch.randn(2, 3, CFG.d_model)

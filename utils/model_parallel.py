@@ -705,9 +705,13 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
     1. Correctness: a forward-only step (``schedule.eval``) and one training step with
        ``ScheduleGPipe`` and with ``Schedule1F1B`` (``microbatches[-1]`` microbatches); the last
        stage returns logits and per-microbatch losses, every stage its gradients.
-    2. Timing: for each ``m`` in ``microbatches``, ``repeats`` training steps of each schedule,
-       each with every stage's (kind, microbatch, start, end) timestamps (1F1B only where
-       ``m >= world_size``: torch's ``Schedule1F1B`` needs a microbatch per stage).
+    2. Timing: every (schedule, ``m``) setting for ``m`` in ``microbatches`` (1F1B only where
+       ``m >= world_size``: torch's ``Schedule1F1B`` needs a microbatch per stage) is built and
+       warmed up once; then ``repeats`` rounds each time one training step of every setting, in
+       alternating rounds (round ``r`` starts ``r`` settings further down the list), so that a
+       change in the machine's load spreads over all settings instead of landing on one block.
+       Each timed step records every stage's (kind, microbatch, start, end) timestamps; the
+       ``"repeat"`` of a timing is its round.
     """
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -740,19 +744,23 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
         y_train, losses = step(schedule)
         out["check"][name] = {"eval_logits": y_eval, "train_logits": y_train, "losses": losses,
                               "grads": _state_grads(module)}
+    settings = []
     for m in microbatches:
         for name, cls in schedules.items():
             if name == "1F1B" and m < world_size:
                 continue  # 1F1B needs at least one microbatch per stage
             module, schedule, timer = build(cls, m)
             step(schedule)  # warm-up: shapes, buffers, first-call costs
-            for r in range(repeats):
-                timer.events.clear()
-                dist.barrier()
-                module.zero_grad()
-                step(schedule)
-                out["timings"].append({"schedule": name, "m": m, "repeat": r,
-                                       "events": list(timer.events)})
+            settings.append((name, m, module, schedule, timer))
+    for r in range(repeats):  # the same order on every rank: the stages must step together
+        shift = r % len(settings)
+        for name, m, module, schedule, timer in settings[shift:] + settings[:shift]:
+            timer.events.clear()
+            dist.barrier()
+            module.zero_grad()
+            step(schedule)
+            out["timings"].append({"schedule": name, "m": m, "repeat": r,
+                                   "events": list(timer.events)})
     return out
 
 
