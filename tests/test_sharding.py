@@ -154,7 +154,7 @@ def test_checkpoint_helpers(tmp_path):
 def test_workers_on_one_rank_equal_the_single_process(group, tmp_path):
     s = spec()
     ref = train_single(s)
-    out = zero_worker(0, 1, s)
+    out = zero_worker(0, 1, s, 3)
     for stage in ("zero1", "fsdp"):
         assert out[stage]["losses"] == pytest.approx(ref["losses"], abs=1e-6)
         for name, p in ref["parameters"].items():
@@ -162,6 +162,18 @@ def test_workers_on_one_rank_equal_the_single_process(group, tmp_path):
     n = sum(p.numel() for p in build_model(s).parameters())
     assert out["zero1"]["partition_numel"] == n
     assert out["fsdp"]["memory"]["parameters"] == 4 * padded_numel(out["fsdp"]["shapes"], 1)
+    # While it computes, a rank holds the root unit (embedding, final norm) and one block whole.
+    model = build_model(s)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers."))
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    assert out["fsdp"]["working_peak"]["parameters"] == 4 * (root + block)
+    peak = out["fsdp"]["working_peak"]
+    assert 4 * block <= peak["gradients"] <= 4 * (root + block)
+    assert max(peak["parameters"], peak["gradients"]) <= peak["both"] <= 8 * (root + block)
+    assert len(out["fsdp"]["timing"]["fsdp"]) == len(out["fsdp"]["timing"]["single"]) == 3
+    assert "timing" not in zero_worker(0, 1, spec(steps=1))["fsdp"]
+    with pytest.raises(ValueError, match="timing_rounds"):
+        zero_worker(0, 1, s, -1)
 
     log = tmp_path / "log.jsonl"
     run = checkpoint_worker(0, 1, s, str(tmp_path), 2, None, None, kill_at=3, kill_rank=1,

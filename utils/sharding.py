@@ -27,12 +27,14 @@ this from the tensors' storage.
 
 **Workers** for :func:`utils.distributed.launch` (module-level so that spawned processes import
 them): :func:`zero_worker` trains with ZeRO-1 (``ZeroRedundancyOptimizer`` under DDP) and with
-``fully_shard`` and measures each rank's state; :func:`checkpoint_worker` trains with
-``fully_shard``, saves ``torch.distributed.checkpoint`` checkpoints every few steps, can kill its
-own rank at a planted step, and resumes (on any number of ranks) from a checkpoint. In this
-process, :func:`train_single` is the one-process reference and :func:`load_checkpoint_single`
-loads a sharded checkpoint into a plain model. The data of step $t$ depends on $t$ only
-(:func:`batch_at`), so a resumed run sees exactly the batches an uninterrupted one sees.
+``fully_shard``, measures each rank's state at rest and the unsharded parameters it holds while
+it computes, and times sharded and one-process steps in alternating rounds;
+:func:`checkpoint_worker` trains with ``fully_shard``, saves ``torch.distributed.checkpoint``
+checkpoints every few steps, can kill its own rank at a planted step, and resumes (on any number
+of ranks) from a checkpoint. In this process, :func:`train_single` is the one-process reference
+and :func:`load_checkpoint_single` loads a sharded checkpoint into a plain model. The data of
+step $t$ depends on $t$ only (:func:`batch_at`), so a resumed run sees exactly the batches an
+uninterrupted one sees.
 """
 from __future__ import annotations
 
@@ -314,6 +316,18 @@ def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _single_step(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 step: int) -> tuple[float, float]:
+    """One AdamW step of one process on the whole global batch: ``(loss, seconds)``."""
+    tic = time.perf_counter()
+    x, y = batch_at(spec, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss = _loss(model, x, y)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), time.perf_counter() - tic
+
+
 def train_single(spec: RunSpec, start: int = 0, stop: int | None = None,
                  model: nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -334,14 +348,9 @@ def train_single(spec: RunSpec, start: int = 0, stop: int | None = None,
         optimizer = _optimizer(spec, model.parameters())
     losses, seconds = [], []
     for step in range(start, stop):
-        tic = time.perf_counter()
-        x, y = batch_at(spec, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = _loss(model, x, y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        seconds.append(time.perf_counter() - tic)
+        loss, dt = _single_step(spec, model, optimizer, step)
+        losses.append(loss)
+        seconds.append(dt)
     return {"losses": losses, "seconds": seconds, "parameters": full_parameters(model),
             "model": model, "optimizer": optimizer, "memory": state_bytes(model, optimizer)}
 
@@ -384,7 +393,83 @@ def _train_fsdp(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimize
     return losses, seconds
 
 
-def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
+def _unsharded_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """The most bytes of *unsharded* parameters and gradients this rank held during one forward
+    and backward pass of an FSDP2 model (no optimizer step; the gradients are dropped after):
+    ``parameters``, ``gradients`` and ``both`` (the largest sum at one moment).
+
+    FSDP2 swaps a module's registered parameters for plain (unsharded) tensors while the unit is
+    gathered and back to DTensor shards when it reshards, so the plain parameters registered in
+    the model are exactly those gathered at that moment. They are counted (distinct storages) before
+    and after every leaf module's forward, when the gradient of every leaf's output arrives and
+    after every gradient is accumulated into an unsharded parameter; the sharded state at rest,
+    activations and the transient all-gather and reduce-scatter buffers are not counted.
+    """
+    peak = {"parameters": 0, "gradients": 0, "both": 0}
+    handles: list[Any] = []
+    hooked: set[int] = set()
+
+    def sample(*_: Any) -> None:
+        plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
+        params = _storage_bytes(plain)
+        grads = _storage_bytes(p.grad for p in plain if p.grad is not None)
+        for key, value in (("parameters", params), ("gradients", grads), ("both", params + grads)):
+            peak[key] = max(peak[key], value)
+        for p in plain:  # catch each gradient as it lands in the unsharded parameter
+            if id(p) not in hooked and p.requires_grad:
+                hooked.add(id(p))
+                handles.append(p.register_post_accumulate_grad_hook(sample))
+
+    def after_forward(module: nn.Module, args: Any, output: Any) -> None:
+        sample()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(sample)  # runs in backward, before this module's own backward
+
+    for module in model.modules():
+        if next(module.children(), None) is None:  # leaves compute; containers only call them
+            handles.append(module.register_forward_pre_hook(sample))
+            handles.append(module.register_forward_hook(after_forward))
+    try:
+        for p in model.parameters():
+            p.grad = None
+        _loss(model, x, y).backward()
+        sample()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.grad = None
+    return peak
+
+
+def _interleaved_times(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       rank: int, world_size: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of the sharded run and of one process, measured in alternating rounds.
+
+    Each round times one step of ``model`` (all ranks) and one step of a fresh one-process model
+    on the whole global batch (rank 0 alone; the other ranks wait at a barrier), the sharded step
+    first in even rounds and second in odd ones, so that drifts of a shared machine fall on both.
+    The steps continue the data order after ``spec.steps``. Returns ``fsdp`` (this rank's
+    seconds) and ``single`` (rank 0's; empty on the other ranks); round 0 includes warm-up.
+    """
+    single = build_model(spec) if rank == 0 else None
+    single_opt = _optimizer(spec, single.parameters()) if single is not None else None
+    out: dict[str, list[float]] = {"fsdp": [], "single": []}
+    for r in range(rounds):
+        step = spec.steps + r
+        for which in (("fsdp", "single") if r % 2 == 0 else ("single", "fsdp")):
+            dist.barrier()
+            if which == "fsdp":
+                out["fsdp"] += _train_fsdp(spec, model, optimizer, step, step + 1, rank,
+                                           world_size)[1]
+            elif single is not None:
+                out["single"].append(_single_step(spec, single, single_opt, step)[1])
+    dist.barrier()
+    return out
+
+
+def zero_worker(rank: int, world_size: int, spec: RunSpec,
+                timing_rounds: int = 0) -> dict[str, Any]:
     """Train ``spec.steps`` steps twice on this rank: ZeRO-1, then ZeRO-3 with ``fully_shard``.
 
     ZeRO-1 is PyTorch's ``ZeroRedundancyOptimizer`` (each rank keeps Adam states for a greedy
@@ -392,8 +477,13 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
     gradients). Returns per stage ``losses``, ``memory`` (:func:`state_bytes` after the last step,
     gradients still held), ``seconds`` per step, ``shapes`` of the parameters and, from rank 0,
     the final full ``parameters``; for ZeRO-1 also ``partition_numel``, the elements of this
-    rank's partition.
+    rank's partition. For ``fully_shard`` also ``working_peak``: the most bytes of unsharded
+    parameters and gradients held during one more forward and backward pass (no update), on top
+    of ``memory``; and, with ``timing_rounds`` > 0, ``timing``: that many alternating rounds of
+    one sharded step and one one-process step on the whole batch (``fsdp`` and ``single``
+    seconds), timed after the training run in this same launch.
     """
+    timing_rounds = check_positive_int("timing_rounds", timing_rounds, minimum=0)
     out: dict[str, Any] = {}
     # ZeRO-1: replicated parameters and gradients, partitioned optimizer states.
     ddp = DistributedDataParallel(build_model(spec))
@@ -425,7 +515,11 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any]:
         "losses": losses, "seconds": seconds, "memory": state_bytes(model, opt),
         "shapes": [tuple(p.shape) for p in model.parameters()],
         "parameters": params if rank == 0 else None,
+        "working_peak": _unsharded_peak(model, *batch_at(spec, spec.steps, rank, world_size)),
     }
+    if timing_rounds:
+        out["fsdp"]["timing"] = _interleaved_times(spec, model, opt, rank, world_size,
+                                                   timing_rounds)
     return out
 
 
