@@ -27,6 +27,10 @@ def raise_on_rank_one(rank: int, world_size: int) -> int:
     return rank
 
 
+def always_raises(rank: int, world_size: int) -> None:
+    raise ArithmeticError("planted failure")
+
+
 def die_on_rank_one(rank: int, world_size: int) -> int:
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -101,18 +105,21 @@ def test_small_helpers():
     assert rank_device(1, "nccl") == torch.device("cuda:1")
 
 
-def test_entry_in_this_process():
-    # What every spawned rank runs, here with a group of one so that coverage sees it.
+def test_entry_in_this_process(monkeypatch):
+    # What every spawned rank runs, here with a group of one so that coverage sees it. _entry sets
+    # RANK, WORLD_SIZE, MASTER_* as torchrun would; in this process they must not outlive the test,
+    # or a later library that reads them (accelerate, under TRL) waits for a group that is gone.
     import queue
 
     from utils.distributed import _entry  # noqa: PLC2701 (testing the module's own internals)
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the original comes back after the test
     results = queue.Queue()
     _entry(0, 1, free_port(), "gloo", 1, 30.0, sum_of_ranks, (3.0,), results)
     _entry(0, 1, free_port(), "gloo", 1, 30.0, raise_on_rank_one, (), results)  # rank 0: fine
+    _entry(0, 1, free_port(), "gloo", 1, 30.0, always_raises, (), results)
     rank, status, payload, peak = results.get_nowait()
     assert (rank, status) == (0, "ok") and isinstance(payload, bytes) and peak > 10 * 2**20
     assert results.get_nowait()[1] == "ok" and not dist.is_initialized()
-    results2 = queue.Queue()
-    _entry(1, 1, free_port(), "gloo", 1, 30.0, sum_of_ranks, (1.0,), results2)  # rank 1 of 1: bad
-    assert results2.get_nowait()[1] == "error"
+    rank, status, details, _ = results.get_nowait()
+    assert status == "error" and "planted failure" in details and not dist.is_initialized()
