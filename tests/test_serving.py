@@ -93,6 +93,8 @@ def test_padded_cache_errors():
         padded_forward(model, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 2), cache)
     with pytest.raises(ValueError, match="non-empty"):
         padded_generate(model, [[1], []], 3)
+    with pytest.raises(TypeError, match="padded_forward"):  # the unmasked path would ignore padding
+        model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
 
 
 def test_forward_checks_its_inputs():

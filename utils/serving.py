@@ -38,6 +38,7 @@ from torch import nn
 
 from utils.attention import scaled_dot_product_attention
 from utils.checks import check_positive_int, check_positive_number
+from utils.kvcache import KVCache
 from utils.llama import Attention, Llama, LlamaConfig
 from utils.positions import rope_cos_sin, rope_rotate
 
@@ -159,9 +160,9 @@ def forward_with_kv(model: Llama, idx: torch.Tensor, positions: torch.Tensor, at
 # --------------------------------------------------------------------------- a padded, contiguous cache
 
 
-class PaddedKVCache:
-    """A contiguous KV cache for a left-padded batch: one slot axis shared by every row, and a mask
-    of the slots that hold real tokens.
+class PaddedKVCache(KVCache):
+    """A contiguous KV cache for a left-padded batch: :class:`utils.kvcache.KVCache` (one slot axis
+    shared by every row) plus a mask of the slots that hold real tokens.
 
     ``k``/``v`` have shape (n_layers, batch, n_kv_heads, max_len, head_dim); ``valid`` (batch,
     max_len) marks real tokens, ``seen`` (batch,) counts each row's real tokens (its next position).
@@ -170,34 +171,23 @@ class PaddedKVCache:
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_len", max_len)
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(cfg, batch_size, max_len, dtype, device)  # length: slots used, padding too
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.cfg, self.batch_size, self.max_len = cfg, batch_size, max_len
-        self.length = 0  # slots used (padding included)
         self._mask: torch.Tensor | None = None
         self._n = 0
 
-    @classmethod
-    def for_model(cls, model: Llama, batch_size: int, max_len: int) -> "PaddedKVCache":
-        """A cache with the model's config, dtype and device."""
-        w = model.tok_emb.weight
-        return cls(model.cfg, batch_size, max_len, dtype=w.dtype, device=w.device)
+    def check(self, cfg: LlamaConfig, batch_size: int, n_new: int) -> None:
+        """Refuse the unmasked path: ``Llama.forward(idx, cache=...)`` would ignore the padding."""
+        raise TypeError("a PaddedKVCache needs its padding mask at every step: decode with "
+                        "utils.serving.padded_forward (or padded_generate), not model(idx, cache=...)")
 
     def prepare(self, new_mask: torch.Tensor) -> torch.Tensor:
         """Get ready for n new tokens per row (``new_mask`` (batch, n), 0 at padding); returns their
         positions (batch, n)."""
         new_mask = _check_mask(new_mask, "new_mask")
         b, n = new_mask.shape
-        if b != self.batch_size:
-            raise ValueError(f"this cache holds a batch of {self.batch_size}, got {b} rows")
-        if self.length + n > self.max_len:
-            raise ValueError(f"the cache holds {self.length} of {self.max_len} slots and cannot take {n} "
-                             "more: make it with a larger max_len")
+        KVCache.check(self, self.cfg, b, n)  # the batch size and the room left
         positions = positions_from_mask(new_mask, start=self.seen)
         end = self.length + n
         self.valid[:, self.length:end] = new_mask.to(self.valid.device)
@@ -213,14 +203,11 @@ class PaddedKVCache:
         """Store a layer's new keys/values and return all of them with the step's mask."""
         if self._mask is None:
             raise RuntimeError("call prepare(new_mask) before the forward pass (padded_forward does)")
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._mask
+        return (*self.write(layer, k, v), self._mask)
 
     def finish(self) -> None:
         """Move on by the step's slots (after the last layer)."""
-        self.length += self._n
+        self.advance(self._n)
         self._mask, self._n = None, 0
 
 
