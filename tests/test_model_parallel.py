@@ -13,18 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.ddp import ring_allreduce_formula
 from utils.distributed import free_port, launch
 from utils.llama import Block, Llama, LlamaConfig
 from utils.model_parallel import (ColumnParallelLinear, CommLog, ExpertParallelMoE, LlamaStage,
                                   RowParallelLinear, TensorParallelAttention, TensorParallelBlock,
                                   bubble_fraction, copy_to_tp, ep_bytes_per_layer,
                                   expert_owner, expert_parallel_worker, gather_from_tp,
-                                  idle_fractions, lm_loss, peak_in_flight, pipeline_worker,
-                                  pp_bytes_per_boundary, reduce_from_tp, ring_allreduce_bytes,
-                                  shard_range, split_llama, tensor_parallel_worker,
-                                  tp_bytes_per_layer)
+                                  idle_fractions, peak_in_flight, pipeline_worker,
+                                  pp_bytes_per_boundary, reduce_from_tp, shard_range, split_llama,
+                                  tensor_parallel_worker, tp_bytes_per_layer)
 from utils.moe import MoE
 from utils.positions import rope_cos_sin
+from utils.pretrain import next_token_loss
 
 CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   tie_embeddings=False)
@@ -105,10 +106,10 @@ def test_bubble_fraction_and_idle_fractions():
 
 
 def test_communication_arithmetic():
-    assert ring_allreduce_bytes(800, 8) == 2 * 7 / 8 * 800
-    assert ring_allreduce_bytes(800, 1) == 0
+    assert ring_allreduce_formula(800, 8) == 2 * 7 / 8 * 800
+    assert ring_allreduce_formula(800, 1) == 0
     with pytest.raises(ValueError, match=">= 0"):
-        ring_allreduce_bytes(-1, 2)
+        ring_allreduce_formula(-1, 2)
     tp = tp_bytes_per_layer(8192, 4096, 8)
     assert tp["all_reduces"] == 4 and tp["bytes_per_all_reduce"] == 4096 * 8192 * 2
     assert tp["sent_per_rank"] == 4 * 2 * 7 / 8 * 4096 * 8192 * 2
@@ -150,10 +151,10 @@ def test_split_llama_equals_the_whole_model():
         split_llama(tied, 2)
 
 
-def test_lm_loss_is_mean_cross_entropy():
+def test_next_token_loss_is_mean_cross_entropy():
     logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
     expected = nn.functional.cross_entropy(logits.reshape(6, 5), targets.reshape(6))
-    torch.testing.assert_close(lm_loss(logits, targets), expected)
+    torch.testing.assert_close(next_token_loss(logits, targets), expected)
 
 
 # --------------------------------------------------------------------------- one rank, in process
@@ -270,11 +271,11 @@ def test_two_stage_pipeline_equals_the_whole_model():
     outs = launch(pipeline_worker, 2, CFG, model.state_dict(), idx, targets, [2], 1,
                   timeout_s=240)
     logits = model(idx)
-    lm_loss(logits, targets).backward()
+    next_token_loss(logits, targets).backward()
     for name in ("GPipe", "1F1B"):
         check = outs[1]["check"][name]
         _near(check["train_logits"], logits.detach())
-        _near(torch.stack(check["losses"]).mean(), lm_loss(logits, targets).detach())
+        _near(torch.stack(check["losses"]).mean(), next_token_loss(logits, targets).detach())
         _near(outs[0]["check"][name]["grads"]["tok_emb.weight"], model.tok_emb.weight.grad)
         _near(check["grads"]["lm_head.weight"], model.lm_head.weight.grad)
     assert outs[0]["check"]["GPipe"]["eval_logits"] is None  # only the last stage has logits

@@ -205,12 +205,12 @@ def test_crash_then_resume_on_two_ranks(tmp_path):
     log = tmp_path / "crash.jsonl"
     with pytest.raises(WorkerError, match="rank 1 of 2 died") as info:
         launch(checkpoint_worker, 2, s, str(tmp_path), 2, None, None, 5, 1, str(log),
-               timeout_s=240)
+               backend="gloo", timeout_s=240)
     assert info.value.exitcode == -signal.SIGKILL
     assert sorted(read_log(log)) == [0, 1, 2, 3, 4]
     step, path = latest_checkpoint(tmp_path)
     assert step == 4
-    out = launch(checkpoint_worker, 2, s, None, None, str(path), timeout_s=240)
+    out = launch(checkpoint_worker, 2, s, None, None, str(path), backend="gloo", timeout_s=240)
     assert out[0]["start"] == 4 and len(out[0]["losses"]) == 2
     assert out[0]["losses"] == out[1]["losses"]
     assert out[0]["losses"][0] == read_log(log)[4]  # same ranks, same data: bit for bit
@@ -240,3 +240,11 @@ def test_mixed_precision_policy_keeps_fp32_shards(group):
     n = sum(p.numel() for p in model.parameters())
     mem = state_bytes(model, opt)
     assert mem["parameters"] + mem["gradients"] + mem["optimizer"] == 16 * n
+
+
+def test_workers_refuse_a_gpu_group(monkeypatch):
+    import utils.sharding as sharding
+
+    monkeypatch.setattr(sharding.dist, "get_backend", lambda *a, **k: "nccl")
+    with pytest.raises(RuntimeError, match="backend='gloo'"):
+        sharding.zero_worker(0, 1, spec(steps=1))

@@ -24,7 +24,7 @@ Data parallelism copies the whole model to every rank; the three ways here cut t
 - **Expert parallelism** (GShard, Lepikhin et al. 2021; Switch, Fedus et al. 2022): the experts of
   a :class:`utils.moe.MoE` live on different ranks and tokens travel to them and back with two
   all-to-alls (:class:`ExpertParallelMoE`).
-- Arithmetic for large models (:func:`ring_allreduce_bytes`, :func:`tp_bytes_per_layer`,
+- Arithmetic for large models (:func:`utils.ddp.ring_allreduce_formula`, :func:`tp_bytes_per_layer`,
   :func:`pp_bytes_per_boundary`, :func:`ep_bytes_per_layer`) and the three workers the chapter runs
   with :func:`utils.distributed.launch` (:func:`tensor_parallel_worker`, :func:`pipeline_worker`,
   :func:`expert_parallel_worker`).
@@ -43,10 +43,12 @@ from torch import nn
 
 from utils.attention import causal_mask, scaled_dot_product_attention
 from utils.checks import check_positive_int
+from utils.ddp import ring_allreduce_formula
 from utils.distributed import rank_device
 from utils.llama import Block, Llama, LlamaConfig, RMSNorm
 from utils.moe import MoE, route
 from utils.positions import rope_cos_sin, rope_rotate
+from utils.pretrain import next_token_loss
 
 __all__ = [
     "CommLog",
@@ -61,13 +63,11 @@ __all__ = [
     "TensorParallelBlock",
     "LlamaStage",
     "split_llama",
-    "lm_loss",
     "bubble_fraction",
     "idle_fractions",
     "peak_in_flight",
     "expert_owner",
     "ExpertParallelMoE",
-    "ring_allreduce_bytes",
     "tp_bytes_per_layer",
     "pp_bytes_per_boundary",
     "ep_bytes_per_layer",
@@ -86,7 +86,7 @@ class CommLog:
 
     ``bytes`` is the size of the tensor handed to the collective on this rank (what an all-reduce
     reduces, what an all-gather contributes, what an all-to-all sends), not the wire traffic of a
-    particular algorithm: :func:`ring_allreduce_bytes` turns the former into the latter.
+    particular algorithm: :func:`utils.ddp.ring_allreduce_formula` turns the former into the latter.
     """
 
     events: list[tuple[str, str, int]] = field(default_factory=list)
@@ -399,11 +399,6 @@ def split_llama(model: Llama, n_stages: int) -> list[LlamaStage]:
     return [LlamaStage(model, bounds[i], bounds[i + 1]) for i in range(n_stages)]
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits (batch, n, vocab) against target ids (batch, n)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     """GPipe's idle share of each stage, $(p - 1) / (m + p - 1)$.
 
@@ -531,18 +526,6 @@ class ExpertParallelMoE(nn.Module):
 # --------------------------------------------------------------------------- arithmetic
 
 
-def ring_allreduce_bytes(size_bytes: float, world_size: int) -> float:
-    """Bytes each rank sends (and receives) in a ring all-reduce of $S$ bytes: $2(t-1)/t \\cdot S$.
-
-    The ring's reduce-scatter and all-gather each pass $t - 1$ chunks of $S/t$ (Patarasuk and Yuan's
-    bandwidth-optimal algorithm, the one NCCL uses for large messages).
-    """
-    t = check_positive_int("world_size", world_size)
-    if size_bytes < 0:
-        raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
-    return 2 * (t - 1) / t * size_bytes
-
-
 def tp_bytes_per_layer(d_model: int, tokens: int, tp: int, bytes_per_value: float = 2,
                        training: bool = True) -> dict[str, float]:
     """Tensor-parallel communication of one transformer layer (Megatron's attention + MLP split).
@@ -556,7 +539,7 @@ def tp_bytes_per_layer(d_model: int, tokens: int, tp: int, bytes_per_value: floa
     count = 4 if training else 2
     size = tokens * d_model * bytes_per_value
     return {"all_reduces": count, "bytes_per_all_reduce": size,
-            "sent_per_rank": count * ring_allreduce_bytes(size, tp)}
+            "sent_per_rank": count * ring_allreduce_formula(size, tp)}
 
 
 def pp_bytes_per_boundary(d_model: int, tokens: int, bytes_per_value: float = 2,
@@ -724,7 +707,7 @@ def pipeline_worker(rank: int, world_size: int, cfg: LlamaConfig, model_state: d
         stage_module = split_llama(model, world_size)[rank].to(device)
         stage = PipelineStage(stage_module, rank, world_size, device)
         timer = _Timed(stage)
-        return stage_module, schedule_cls(stage, n_microbatches=m, loss_fn=lm_loss), timer
+        return stage_module, schedule_cls(stage, n_microbatches=m, loss_fn=next_token_loss), timer
 
     def step(schedule, train=True):
         losses: list = []

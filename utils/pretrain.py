@@ -27,6 +27,7 @@ __all__ = [
     "get_batch",
     "lr_at",
     "lm_loss",
+    "next_token_loss",
     "evaluate",
     "TrainConfig",
     "History",
@@ -119,10 +120,14 @@ def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (batch, n, vocab) against target ids (batch, n), in nats."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, $-\\frac1N\\sum\\log p(y_t\\mid x_{\\le t})$ (in nats)."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return next_token_loss(model(x), y)
 
 
 @torch.no_grad()

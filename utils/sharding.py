@@ -52,7 +52,6 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -63,7 +62,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.checks import check_positive_int, check_positive_number
 from utils.llama import Llama, LlamaConfig
-from utils.pretrain import get_batch
+from utils.ddp import make_model
+from utils.distributed import rank_device
+from utils.pretrain import get_batch, lm_loss
 
 __all__ = [
     "BYTES_PER_PARAM",
@@ -294,17 +295,11 @@ def batch_at(spec: RunSpec, step: int, rank: int = 0,
 
 def build_model(spec: RunSpec) -> Llama:
     """The run's :class:`utils.llama.Llama`, initialised from ``spec.seed`` (same on every rank)."""
-    torch.manual_seed(spec.seed)
-    return Llama(spec.cfg)
+    return make_model(spec.cfg, spec.seed)
 
 
 def _optimizer(spec: RunSpec, params: Iterable[torch.Tensor]) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-
-
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -322,7 +317,7 @@ def _single_step(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimiz
     tic = time.perf_counter()
     x, y = batch_at(spec, step)
     optimizer.zero_grad(set_to_none=True)
-    loss = _loss(model, x, y)
+    loss = lm_loss(model, x, y)
     loss.backward()
     optimizer.step()
     return loss.item(), time.perf_counter() - tic
@@ -383,7 +378,7 @@ def _train_fsdp(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimize
         tic = time.perf_counter()
         x, y = batch_at(spec, step, rank, world_size)
         optimizer.zero_grad(set_to_none=True)
-        loss = _loss(model, x, y)
+        loss = lm_loss(model, x, y)
         loss.backward()  # FSDP2 reduce-scatters the gradients: each rank keeps its shard's mean
         optimizer.step()  # on the local shards only
         losses.append(_global_loss(loss, world_size))
@@ -432,7 +427,7 @@ def _unsharded_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
     try:
         for p in model.parameters():
             p.grad = None
-        _loss(model, x, y).backward()
+        lm_loss(model, x, y).backward()
         sample()
     finally:
         for handle in handles:
@@ -468,6 +463,13 @@ def _interleaved_times(spec: RunSpec, model: nn.Module, optimizer: torch.optim.O
     return out
 
 
+def _require_cpu_group(rank: int) -> None:
+    """These workers keep the model and batches on the CPU: refuse a GPU (nccl) group clearly."""
+    if rank_device(rank, dist.get_backend()).type != "cpu":
+        raise RuntimeError("utils.sharding's workers run on the CPU only: launch them with "
+                           "backend='gloo' (on a GPU machine, launch picks nccl by default)")
+
+
 def zero_worker(rank: int, world_size: int, spec: RunSpec,
                 timing_rounds: int = 0) -> dict[str, Any]:
     """Train ``spec.steps`` steps twice on this rank: ZeRO-1, then ZeRO-3 with ``fully_shard``.
@@ -483,6 +485,7 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec,
     one sharded step and one one-process step on the whole batch (``fsdp`` and ``single``
     seconds), timed after the training run in this same launch.
     """
+    _require_cpu_group(rank)
     timing_rounds = check_positive_int("timing_rounds", timing_rounds, minimum=0)
     out: dict[str, Any] = {}
     # ZeRO-1: replicated parameters and gradients, partitioned optimizer states.
@@ -494,7 +497,7 @@ def zero_worker(rank: int, world_size: int, spec: RunSpec,
         tic = time.perf_counter()
         x, y = batch_at(spec, step, rank, world_size)
         opt.zero_grad(set_to_none=True)
-        loss = _loss(ddp, x, y)
+        loss = lm_loss(ddp, x, y)
         loss.backward()  # DDP all-reduces (averages) the gradients
         opt.step()  # updates this rank's partition, then broadcasts it to the others
         losses.append(_global_loss(loss, world_size))
@@ -608,6 +611,7 @@ def checkpoint_worker(rank: int, world_size: int, spec: RunSpec, root: str | Non
     from rank 0, ``loaded`` (full parameters right after loading, or None) and ``parameters``
     (full, at the end).
     """
+    _require_cpu_group(rank)
     model = _fsdp_model(spec, world_size)
     optimizer = _optimizer(spec, model.parameters())
     start, loaded = 0, None
