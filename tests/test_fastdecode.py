@@ -3,12 +3,11 @@ import torch
 from torch import nn
 
 from utils.fastdecode import (COMPUTE_DTYPES, INT4_GROUP_SIZES, Int4WeightOnlyLinear,
-                              Int8WeightOnlyLinear, bytes_per_token, decode_bound_tokens_per_s,
-                              dequantize_int4, dequantize_int8, kernel_support, quantize_int4,
+                              Int8WeightOnlyLinear, bytes_per_weight, dequantize_int4, dequantize_int8, kernel_support, quantize_int4,
                               quantize_int8, quantize_model, reference_linear, weight_bytes)
 from utils.kvcache import generate
 from utils.llama import Llama, LlamaConfig, kv_cache_bytes_per_token
-from utils.roofline import forward_bytes
+from utils.roofline import decode_bound_tokens_per_s, forward_bytes, weight_bytes_per_forward
 
 # widths the kernels accept: in_features a multiple of 32 (int4 groups, int8 bf16), out a multiple of 16
 CFG = LlamaConfig(vocab_size=112, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -147,12 +146,8 @@ def test_bad_input_is_refused_with_a_reason():
         quantize_model(model, bits=8, head_bits=2)
     with pytest.raises(ValueError, match="utils.llama.Llama"):
         quantize_model(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="Llama"):
-        bytes_per_token(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="bandwidth"):
-        decode_bound_tokens_per_s(model, 0)
-    with pytest.raises(ValueError, match="context"):
-        bytes_per_token(model, -1)
+    with pytest.raises(ValueError, match="from_hf"):
+        bytes_per_weight(nn.Linear(4, 4))
 
 
 def test_missing_kernels_are_named(monkeypatch):
@@ -176,15 +171,20 @@ def test_quantize_model_swaps_every_linear_and_shares_the_rest():
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.tok_emb.weight
 
 
-def test_bytes_per_token_matches_the_roofline_for_float32_and_shrinks():
+def test_bytes_per_weight_feeds_the_roofline_for_float32_and_quantized_models():
     model = tiny_llama()
-    assert bytes_per_token(model, 7) == forward_bytes(CFG, 1, past=7)
+    assert bytes_per_weight(model) == 4.0  # float32: the roofline's own count, to the byte
+    assert weight_bytes(model) == weight_bytes_per_forward(CFG, 4)
     q8, q4 = quantize_model(model, 8), quantize_model(model, 4)
-    kv = 8 * kv_cache_bytes_per_token(CFG, 4)
-    assert bytes_per_token(q8, 7) == weight_bytes(q8) + kv
     assert weight_bytes(q4) < weight_bytes(q8) < weight_bytes(model) / 3
-    bound = decode_bound_tokens_per_s(q4, 1e10, context=7)
-    assert bound == 1e10 / bytes_per_token(q4, 7)
+    kv = 8 * kv_cache_bytes_per_token(CFG, 4)
+    for q in (q8, q4):
+        b = bytes_per_weight(q)
+        per_token = forward_bytes(CFG, 1, past=7, bytes_per_param=b, kv_bytes_per_value=4)
+        assert per_token == pytest.approx(weight_bytes(q) + kv, rel=1e-12)
+        bound = decode_bound_tokens_per_s(CFG, b, 1e10, context=7, kv_bytes_per_value=4)
+        assert bound == pytest.approx(1e10 / (weight_bytes(q) + kv), rel=1e-12)
+    assert 0.5 < bytes_per_weight(q4) < 1 < bytes_per_weight(q8) < 1.1
 
 
 def test_int8_greedy_tokens_match_the_dequantized_reference_model():

@@ -9,7 +9,8 @@ $$ \\text{tokens/s} \\le \\frac{\\beta}{B_{\\text{token}}}, \\qquad
    + \\text{norms} + (\\text{context} + 1)\\, b_{kv}, $$
 
 with $\\beta$ the memory bandwidth and $b_{kv}$ the key/value bytes one position adds
-(:func:`utils.llama.kv_cache_bytes_per_token`). Storing the weights in fewer bits shrinks
+(:func:`utils.llama.kv_cache_bytes_per_token`); :mod:`utils.roofline` computes it, given the average
+stored bytes per weight (:func:`bytes_per_weight`). Storing the weights in fewer bits shrinks
 $B_{\\text{token}}$; it only pays where a kernel multiplies in that format directly.
 
 - **int8, per output channel** (:func:`quantize_int8`): $q_{ij} = \\mathrm{round}(w_{ij}/s_i)$,
@@ -29,7 +30,7 @@ too) and leaves norms, embeddings, attention and the KV cache in float32.
 
 On this book's CPUs (PyTorch 2.x, x86 with AVX-512) both kernels are fast only with **bfloat16
 activations** (and bfloat16 scales): float32 activations take another code path, many times slower
-(chapter 8-04, Exercise 1, times both). The layers therefore cast each input vector to
+(chapter 8-04's Exercise 4 times both). The layers therefore cast each input vector to
 ``compute_dtype`` (bfloat16 by default), multiply, and cast the output back; the scales and zeros
 are rounded to that dtype *before* the codes are chosen, so the stored grid is exactly the one the
 kernel computes with. ``compute_dtype=torch.float32`` keeps everything in float32 (exact against the
@@ -43,8 +44,9 @@ import copy
 import torch
 from torch import nn
 
-from utils.checks import check_positive_int, check_positive_number
-from utils.llama import Llama, RMSNorm, kv_cache_bytes_per_token
+from utils.checks import check_positive_int
+from utils.llama import Llama, RMSNorm
+from utils.roofline import weight_bytes_per_forward
 
 
 __all__ = [
@@ -60,8 +62,7 @@ __all__ = [
     "Int4WeightOnlyLinear",
     "quantize_model",
     "weight_bytes",
-    "bytes_per_token",
-    "decode_bound_tokens_per_s",
+    "bytes_per_weight",
 ]
 
 
@@ -344,21 +345,14 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def bytes_per_token(model: Llama, context: int = 0, kv_bytes_per_value: float = 4) -> float:
-    """$B_{\\text{token}}$: weight bytes plus the KV cache of ``context`` earlier positions and the
-    new one, $(\\text{context} + 1) \\cdot 2 L H_{kv} d_h b_{kv}$ (float32 cache: $b_{kv} = 4$)."""
-    check_positive_int("context", context, minimum=0)
+def bytes_per_weight(model: Llama) -> float:
+    """Average stored bytes per weight one decoding step reads: :func:`weight_bytes` over the number of
+    weights :func:`utils.roofline.weight_bytes_per_forward` counts (every matrix, the output head and
+    the norms). Pass it as ``bytes_per_param`` to :mod:`utils.roofline`'s formulas
+    (:func:`~utils.roofline.forward_bytes`, :func:`~utils.roofline.decode_bound_tokens_per_s`), with
+    ``kv_bytes_per_value=4`` for the float32 KV cache: 4.0 for a float32 :class:`Llama`, a little over
+    1 in int8 and over 0.5 in int4 (scales, zeros and the float32 norms add to the codes)."""
     if not isinstance(model, Llama):
-        raise ValueError(f"bytes_per_token takes a utils.llama.Llama, got {type(model).__name__}")
-    return weight_bytes(model) + (context + 1) * kv_cache_bytes_per_token(model.cfg, kv_bytes_per_value)
-
-
-def decode_bound_tokens_per_s(model: Llama, bandwidth: float, context: int = 0,
-                              kv_bytes_per_value: float = 4) -> float:
-    """The memory bound on one stream's decoding speed: $\\beta / B_{\\text{token}}$ tokens/s.
-
-    ``bandwidth`` in bytes/s (e.g. :func:`utils.roofline.memory_bandwidth`). The achieved fraction
-    of it is (measured tokens/s) / bound.
-    """
-    check_positive_number("bandwidth", bandwidth)
-    return bandwidth / bytes_per_token(model, context, kv_bytes_per_value)
+        raise ValueError(f"bytes_per_weight takes a utils.llama.Llama, got {type(model).__name__}; "
+                         "for a transformers model, copy it with utils.llama.from_hf first")
+    return weight_bytes(model) / (weight_bytes_per_forward(model.cfg, 1))

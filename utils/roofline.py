@@ -121,13 +121,16 @@ def forward_time_bound_s(cfg: LlamaConfig, n_tokens: int, peak_flops: float, ban
 
 
 def decode_bound_tokens_per_s(cfg: LlamaConfig, bytes_per_param: float, bandwidth: float,
-                              context: int = 0) -> float:
+                              context: int = 0, kv_bytes_per_value: float | None = None) -> float:
     """Upper bound on decoding speed (batch 1): bandwidth / bytes read per token, weights + KV cache.
 
-    ``context`` is the number of positions already cached when the token is decoded.
+    ``context`` is the number of positions already cached when the token is decoded; the cache's
+    dtype defaults to the weights' one (``kv_bytes_per_value`` sets it apart, e.g. int8 weights
+    beside a float32 cache). For quantized weights with scales, pass their average stored bytes per
+    weight (:func:`utils.fastdecode.bytes_per_weight`).
     """
     check_positive_number("bandwidth", bandwidth)
-    return bandwidth / forward_bytes(cfg, 1, context, bytes_per_param)
+    return bandwidth / forward_bytes(cfg, 1, context, bytes_per_param, kv_bytes_per_value)
 
 
 def prefill_bound_tokens_per_s(cfg: LlamaConfig, n_tokens: int, peak_flops: float) -> float:
