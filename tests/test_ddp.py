@@ -176,19 +176,6 @@ def test_collectives_on_three_ranks():
         assert res["naive_bytes"] == 4 * naive_allreduce_elements(10, 3)[rank]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-process gloo group in this process, so that coverage sees the worker code run."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_workers_in_this_process(one_rank_group):
     x, y = _batch(rows=4)
     coll = collectives_worker(0, 1, 9, 0, 64, 1)

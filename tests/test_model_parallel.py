@@ -10,11 +10,10 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from utils.ddp import ring_allreduce_formula
-from utils.distributed import free_port, launch
+from utils.distributed import launch
 from utils.llama import Block, Llama, LlamaConfig
 from utils.model_parallel import (ColumnParallelLinear, CommLog, ExpertParallelMoE, LlamaStage,
                                   RowParallelLinear, TensorParallelAttention, TensorParallelBlock,
@@ -29,16 +28,6 @@ from utils.pretrain import next_token_loss
 
 CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   tie_embeddings=False)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A gloo group of one process (this one): collectives run and return their input."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _block(seed: int = 0) -> Block:
@@ -160,7 +149,7 @@ def test_next_token_loss_is_mean_cross_entropy():
 # --------------------------------------------------------------------------- one rank, in process
 
 
-def test_primitives_on_one_rank(one_rank):
+def test_primitives_on_one_rank(one_rank_group):
     x = torch.randn(3, 4, requires_grad=True)
     log = CommLog()
     y = reduce_from_tp(copy_to_tp(x, log=log), log=log)
@@ -172,7 +161,7 @@ def test_primitives_on_one_rank(one_rank):
                                           ("all_reduce", "backward")]
 
 
-def test_linear_layers_on_one_rank_equal_dense(one_rank):
+def test_linear_layers_on_one_rank_equal_dense(one_rank_group):
     dense = nn.Linear(6, 4)
     x = torch.randn(2, 6)
     for layer in (ColumnParallelLinear(dense, 0, 1, gather_output=True),
@@ -184,7 +173,7 @@ def test_linear_layers_on_one_rank_equal_dense(one_rank):
         RowParallelLinear(dense, 0, 1, input_is_parallel=False)(torch.randn(2, 5))
 
 
-def test_block_on_one_rank_equals_dense(one_rank):
+def test_block_on_one_rank_equals_dense(one_rank_group):
     block = _block()
     log = CommLog()
     tp = TensorParallelBlock(block, 0, 1, log=log)
@@ -200,7 +189,7 @@ def test_attention_refuses_uneven_heads():
         TensorParallelAttention(Block(smol).attn, 0, 2)
 
 
-def test_workers_run_on_one_rank(one_rank):
+def test_workers_run_on_one_rank(one_rank_group):
     block, dense = _block(), nn.Linear(8, 6)
     x_block, x_lin = torch.randn(1, 4, CFG.d_model), torch.randn(1, 4, 8)
     out = tensor_parallel_worker(0, 1, CFG, block.state_dict(), dense.state_dict(), x_block, x_lin)
@@ -258,7 +247,7 @@ def test_two_rank_block_and_moe_equal_dense():
     assert [o["experts"] for o in outs] == [[0, 1], [2, 3]]
 
 
-def test_expert_parallel_moe_keeps_its_experts_only(one_rank):
+def test_expert_parallel_moe_keeps_its_experts_only(one_rank_group):
     moe = MoE(CFG, 4, 2)
     layer = ExpertParallelMoE(copy.deepcopy(moe), 0, 1)
     assert len(layer.experts) == 4 and layer.first_expert == 0

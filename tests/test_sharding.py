@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from utils.distributed import WorkerError, free_port, launch
+from utils.distributed import WorkerError, launch
 from utils.llama import LlamaConfig
 from utils.sharding import (BYTES_PER_PARAM, ZERO_STAGES, RunSpec, batch_at, build_model,
                             checkpoint_dir, checkpoint_worker, full_parameters, latest_checkpoint,
@@ -25,16 +23,6 @@ CFG = LlamaConfig(vocab_size=13, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1
 def spec(steps: int = 4) -> RunSpec:
     data = torch.arange(400) % CFG.vocab_size
     return RunSpec(CFG, data, steps=steps, batch_size=4, context=8)
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A one-rank gloo process group in this process, so the workers run here (and are covered)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                world_size=1, timeout=timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -151,7 +139,7 @@ def test_checkpoint_helpers(tmp_path):
 # ----------------------------------------------------------------------------- workers, one rank
 
 
-def test_workers_on_one_rank_equal_the_single_process(group, tmp_path):
+def test_workers_on_one_rank_equal_the_single_process(one_rank_group, tmp_path):
     s = spec()
     ref = train_single(s)
     out = zero_worker(0, 1, s, 3)
@@ -217,7 +205,7 @@ def test_crash_then_resume_on_two_ranks(tmp_path):
     assert os.path.exists(path / ".metadata")
 
 
-def test_mixed_precision_policy_keeps_fp32_shards(group):
+def test_mixed_precision_policy_keeps_fp32_shards(one_rank_group):
     """The chapter's GPU section: with bf16 compute, the shards stay fp32 (16 bytes/param)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
