@@ -91,6 +91,8 @@ def test_kl_rewards_reject_bad_input():
         kl_rewards(torch.zeros(2), x, x, torch.tensor([[1.0, 1, 1], [0, 0, 0]]), 0.1)
     with pytest.raises(ValueError, match="shapes differ"):
         kl_rewards(torch.zeros(2), x, torch.zeros(2, 2), m, 0.1)
+    with pytest.raises(ValueError, match="prefix"):  # a hole: the score would land on padding
+        kl_rewards(torch.zeros(2), x, x, torch.tensor([[1.0, 0, 1], [1, 1, 1]]), 0.1)
 
 
 # --- losses ------------------------------------------------------------------------------------------

@@ -154,15 +154,24 @@ def response_values(value_model: Callable, tokens: torch.Tensor, n_prompt: int) 
 
 # --- rewards and advantages ------------------------------------------------------------------------
 
+def _check_prefix_mask(mask: torch.Tensor) -> None:
+    # The last real token of a row is at mask.sum() - 1 only if the mask is 1s then 0s.
+    if not ((mask == 0) | (mask == 1)).all() or (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError("mask must be 1 on a prefix of each response and 0 after it (padding "
+                         "only at the end)")
+
+
 def kl_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                mask: torch.Tensor, beta: float) -> torch.Tensor:
     """(batch, T) per-token rewards $r_t = -\\beta(\\log\\pi(y_t) - \\log\\pi^{ref}(y_t))$, plus the
-    reward model's ``scores`` (batch,) at each response's last real token (as in InstructGPT)."""
+    reward model's ``scores`` (batch,) at each response's last real token (as in InstructGPT).
+    ``mask`` must be 1 on a prefix of each row and 0 after it (right padding)."""
     check_positive_number("beta", beta)
     _check_2d(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"need one score per response: {logprobs.shape[0]} responses, "
                          f"scores of shape {tuple(scores.shape)}")
+    _check_prefix_mask(mask)
     lengths = mask.sum(1).long()
     if (lengths == 0).any():
         raise ValueError("every response needs at least one real token (a row of mask is all 0)")
@@ -253,9 +262,7 @@ def rollout_from_samples(policy: nn.Module, ref: Callable, value_model: Callable
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must be (batch, T) = {shape}, one entry per response token, got "
                          f"{tuple(mask.shape)}")
-    if not ((mask == 0) | (mask == 1)).all() or (mask[:, 1:] > mask[:, :-1]).any():
-        raise ValueError("mask must be 1 on a prefix of each response and 0 after it (padding "
-                         "only at the end)")
+    _check_prefix_mask(mask)
     was = [(m, m.training) for m in (policy, value_model) if isinstance(m, nn.Module)]
     for m, _ in was:
         m.eval()
