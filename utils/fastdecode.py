@@ -1,5 +1,5 @@
 """Weight-only int8 and int4 decoding through PyTorch's packed CPU kernels (Part 8, "Serving many
-requests", section "One stream as fast as the hardware allows").
+requests", Step 5, "Fewer bytes per token for one stream").
 
 Decoding one token at a time reads every weight once per token and does two FLOPs per weight, so it
 waits on memory (chapter 4-01). Its speed limit is the roofline's memory bound
