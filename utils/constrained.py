@@ -21,15 +21,16 @@ Conventions, stated once:
   rule ``outlines-core``'s ``Index`` implements; chapter 6-02 asserts the two give identical sets.
 
 :class:`TokenIndex` computes the allowed set of a state lazily by walking a byte trie of the
-vocabulary alongside the DFA (a token is visited only while its prefix is still alive), and caches
-it. :class:`RegexLogitsProcessor` applies it as a logits mask inside ``model.generate``.
+vocabulary alongside the DFA (each shared prefix is stepped once, one trie depth at a time in array
+operations; a dead prefix rules out every token below it), and caches it. :class:`RegexLogitsProcessor` applies it as a logits mask inside ``model.generate``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from utils.tokenization import bytes_to_unicode
@@ -469,10 +470,38 @@ def vocabulary_bytes(tokenizer) -> dict[int, bytes]:
     return out
 
 
-@dataclass
-class _TrieNode:
-    children: dict[int, "_TrieNode"] = field(default_factory=dict)
-    ids: list[int] = field(default_factory=list)
+@dataclass(frozen=True)
+class _TrieLevel:
+    """The trie nodes of one depth d >= 1, as arrays: node k is its parent's prefix (a node of
+    depth d - 1, at position ``parent[k]``) followed by the byte ``byte[k]``; the tokens whose bytes
+    end at depth d are ``token_id``, each at node ``token_node``."""
+    parent: np.ndarray
+    byte: np.ndarray
+    token_node: np.ndarray
+    token_id: np.ndarray
+
+
+def _trie_levels(vocab: dict[int, bytes]) -> list[_TrieLevel]:
+    """The byte trie of ``vocab``, one :class:`_TrieLevel` per depth (every distinct prefix of a
+    token is one node)."""
+    position: list[dict[bytes, int]] = [{b"": 0}]  # per depth: prefix -> its node's position
+    for i, data in vocab.items():
+        if not data:
+            raise ValueError(f"token id {i} stands for no bytes; leave it out of vocab")
+        for d in range(1, len(data) + 1):
+            if d == len(position):
+                position.append({})
+            position[d].setdefault(data[:d], len(position[d]))
+    levels = []
+    for d in range(1, len(position)):
+        prefixes = sorted(position[d], key=position[d].__getitem__)
+        ends = [(position[d][data], i) for i, data in vocab.items() if len(data) == d]
+        levels.append(_TrieLevel(
+            parent=np.array([position[d - 1][p[:-1]] for p in prefixes], dtype=np.int64),
+            byte=np.array([p[-1] for p in prefixes], dtype=np.int64),
+            token_node=np.array([k for k, _ in ends], dtype=np.int64),
+            token_id=np.array([i for _, i in ends], dtype=np.int64)))
+    return levels
 
 
 class TokenIndex:
@@ -491,14 +520,10 @@ class TokenIndex:
             raise ValueError(f"eos_token_id {eos_token_id} is also an ordinary token of vocab; "
                              "leave special tokens out (vocabulary_bytes does)")
         self.dfa, self.vocab, self.eos_token_id = dfa, vocab, eos_token_id
-        self.root = _TrieNode()
-        for i, data in vocab.items():
-            if not data:
-                raise ValueError(f"token id {i} stands for no bytes; leave it out of vocab")
-            node = self.root
-            for b in data:
-                node = node.children.setdefault(b, _TrieNode())
-            node.ids.append(i)
+        self._levels = _trie_levels(vocab)
+        self._dead = dfa.n_states  # the dead state as a row of the table: every byte keeps it dead
+        table = np.array(dfa.transitions + [[-1] * 256], dtype=np.int64).reshape(-1, 256)
+        self._table = np.where(table < 0, self._dead, table)
         self._cache: dict[int, list[int]] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -509,19 +534,15 @@ class TokenIndex:
             raise ValueError(f"state {state} is not a live state of this automaton "
                              f"(0..{self.dfa.n_states - 1}); did the text already fail to match?")
         if state not in self._cache:
-            table, found = self.dfa.transitions, []
-            stack = [(self.root, state)]
-            while stack:  # walk the trie and the DFA together; a dead prefix prunes its subtree
-                node, s = stack.pop()
-                row = table[s]
-                for b, child in node.children.items():
-                    t = row[b]
-                    if t >= 0:
-                        found.extend(child.ids)
-                        stack.append((child, t))
-            if state in self.dfa.accepting:
-                found.append(self.eos_token_id)
-            self._cache[state] = sorted(found)
+            # Walk the trie and the DFA together, one depth at a time, every node of a depth in one
+            # array operation: a node's state is its parent's state stepped by the node's byte. The
+            # dead state stays dead, so a prefix that dies takes every token below it along.
+            states = np.array([state])
+            found = [np.array([self.eos_token_id])] if state in self.dfa.accepting else []
+            for level in self._levels:
+                states = self._table[states[level.parent], level.byte]
+                found.append(level.token_id[states[level.token_node] != self._dead])
+            self._cache[state] = np.sort(np.concatenate(found)).tolist()
         return self._cache[state]
 
     def allowed_mask(self, state: int, size: int) -> torch.Tensor:
