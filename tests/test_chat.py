@@ -2,7 +2,7 @@
 import pytest
 import torch
 from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
-from transformers import PreTrainedTokenizerFast
+from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from utils import chat
 from utils.constrained import TokenIndex, compile_regex, vocabulary_bytes
@@ -245,3 +245,47 @@ def test_chat_generator_constrained_and_sampled(model, tokenizer):
         chat.ChatGenerator(model, tokenizer, temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         chat.ChatGenerator(model, tokenizer, max_new_tokens=0)
+
+
+# ------------------------------------------------------------------ a cache that does not copy itself
+
+def test_in_place_cache_equals_dynamic_cache(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(chat._InPlaceLayer, "room", 3)  # the buffer grows several times below
+    ids, mask = chat.left_pad([chat.prompt_ids(tokenizer, q) for q in ["What is Python?", "bad"]],
+                              chat.pad_token_id(tokenizer))
+    runs = {}
+    for name, cache in [("dynamic", DynamicCache()), ("in place", chat.InPlaceCache())]:
+        runs[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
+                                    min_new_tokens=12, do_sample=False, past_key_values=cache,
+                                    pad_token_id=0, output_scores=True,
+                                    return_dict_in_generate=True)
+    assert torch.equal(runs["in place"].sequences, runs["dynamic"].sequences)
+    for ours, theirs in zip(runs["in place"].scores, runs["dynamic"].scores):
+        torch.testing.assert_close(ours, theirs)
+    layer = runs["in place"].past_key_values.layers[0]
+    assert isinstance(layer, chat._InPlaceLayer)
+    assert layer.keys.shape[-2] == ids.shape[1] + 11  # the last token is never fed back
+
+
+def test_in_place_cache_crop_select_repeat_and_copy(model):
+    x = torch.randint(3, 60, (2, 7))
+    cache = chat.InPlaceCache()
+    with torch.no_grad():
+        model(input_ids=x[:, :5], past_key_values=cache)
+        kept = chat.repeat_cache(cache, 1)  # a deep copy: later appends leave it alone
+        cache.crop(-2)  # back to 3 positions, then 4 new ones written into the same buffer
+        model(input_ids=x[:, 3:], past_key_values=cache)
+        reference = DynamicCache()
+        model(input_ids=x, past_key_values=reference)
+    torch.testing.assert_close(cache.layers[1].keys, reference.layers[1].keys)
+    assert kept.get_seq_length() == 5
+    torch.testing.assert_close(kept.layers[1].values, reference.layers[1].values[..., :5, :])
+    for c in (cache, reference):
+        c.batch_select_indices(torch.tensor([1]))
+        c.batch_repeat_interleave(3)
+    nxt = torch.randint(3, 60, (3, 1))
+    with torch.no_grad():
+        ours = model(input_ids=nxt, past_key_values=cache).logits
+        theirs = model(input_ids=nxt, past_key_values=reference).logits
+    torch.testing.assert_close(ours, theirs)
+    assert cache.get_seq_length() == 8 and cache.layers[0].keys.shape[0] == 3

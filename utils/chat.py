@@ -13,6 +13,9 @@ One rule per idea, decided here once:
   pads prompts on the left, so every row's next token follows its own last token.
 - **Generation.** :func:`greedy_continuations` (token-id prompts) and :func:`generate_replies`
   (chat prompts): greedy, batched, left-padded, stopping at the end-of-sequence token.
+- **A cache that does not copy itself.** :class:`InPlaceCache` is ``transformers``' ``DynamicCache``
+  with each step's keys and values written into spare room (as :class:`utils.kvcache.KVCache` does)
+  instead of concatenated onto a new copy of the whole cache; the generation helpers here use it.
 - **A shared prefix, run once.** :func:`prefix_cache` runs a prompt prefix once and keeps its
   key/value cache; :func:`repeat_cache` copies it for a batch of rows. :class:`ChatGenerator` uses
   both to reply to many chats that share a system prompt or examples (greedy or sampled, optionally
@@ -28,12 +31,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from utils.checks import check_positive_int
 
 __all__ = [
     "IGNORE_INDEX",
     "ChatGenerator",
+    "InPlaceCache",
     "chat_ids",
     "generate_replies",
     "greedy_continuations",
@@ -150,6 +155,7 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence
     Prompts are sorted by length so that a batch holds similar lengths, padded on the LEFT
     (:func:`left_pad`, :func:`pad_token_id`) with an attention mask that hides the padding.
     Generation stops at ``max_new_tokens`` or when every row has produced the end-of-sequence token.
+    The key/value cache is an :class:`InPlaceCache` (same tokens as ``generate``'s default cache).
     ``processor``, if given, makes a fresh logits processor for each batch (e.g.
     ``lambda: RegexLogitsProcessor(index)`` from :mod:`utils.constrained`), passed to ``generate``.
     """
@@ -175,7 +181,8 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[Sequence
         extra = {} if processor is None else {"logits_processor": [processor()]}
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_id, eos_token_id=eos, **extra)
+                             pad_token_id=pad_id, eos_token_id=eos,
+                             past_key_values=InPlaceCache(), **extra)
         for i, row in zip(idx, out[:, input_ids.shape[1]:]):
             texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
@@ -199,24 +206,80 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str | list[d
                                              processor)]
 
 
+# ================================================================== a cache that does not copy itself
+
+
+class _InPlaceLayer(DynamicLayer):
+    """One layer of :class:`InPlaceCache`: ``keys``/``values`` are views of the first ``length``
+    positions of a buffer with spare room; ``update`` writes the new positions into the room."""
+
+    room = 128  # spare positions allocated each time the buffer grows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        new = key_states.shape[-2]
+        buffers = getattr(self, "_buffers", None)
+        # Reallocate when there is no buffer, no room, or ``keys`` no longer lives in it (transformers'
+        # crop keeps the view; batch_repeat_interleave, batch_select_indices, reset make new tensors).
+        if (buffers is None or self.keys.data_ptr() != buffers[0].data_ptr()
+                or buffers[0].shape[-2] < length + new
+                or buffers[0].shape[:-2] != key_states.shape[:-2]):
+            shape = (*key_states.shape[:-2], length + new + self.room, key_states.shape[-1])
+            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                buffers[0][..., :length, :] = self.keys
+                buffers[1][..., :length, :] = self.values
+            self._buffers = buffers
+        buffers[0][..., length:length + new, :] = key_states
+        buffers[1][..., length:length + new, :] = value_states
+        self.keys = buffers[0][..., :length + new, :]
+        self.values = buffers[1][..., :length + new, :]
+        return self.keys, self.values
+
+
+class InPlaceCache(DynamicCache):
+    """``transformers``' ``DynamicCache`` that appends each step's keys and values in place.
+
+    ``DynamicCache`` appends with ``torch.cat``, which copies the whole cache of every layer at every
+    decoding step: for ``B`` rows of ``t`` cached tokens that is ``2 * n_layers * B * n_kv_heads * t *
+    head_dim`` values moved per generated token, a cost that grows with the prompt and the batch (with
+    a long shared system prompt copied into every row it rivals the matrix products on a CPU). Here each
+    layer keeps a buffer with room for :attr:`_InPlaceLayer.room` more positions; a step writes only its
+    own position, and the buffer is copied once per ``room`` steps. ``keys``/``values`` are views of
+    the filled part, so attention reads exactly the same numbers: outputs are identical to
+    ``DynamicCache``'s (tested). Pass ``past_key_values=InPlaceCache()`` to ``model(...)`` or
+    ``model.generate(...)``; :func:`greedy_continuations` and :class:`ChatGenerator` do.
+    """
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=_InPlaceLayer)
+
+
 # ============================================================================ a shared prefix, run once
 
 
 @torch.inference_mode()
-def prefix_cache(model: nn.Module, prefix_ids: Sequence[int]) -> Any:
+def prefix_cache(model: nn.Module, prefix_ids: Sequence[int], in_place: bool = False) -> Any:
     """The key/value cache of ``prefix_ids`` (one row) after one forward pass of ``model``.
 
     Many prompts that start with the same tokens (a system prompt, few-shot examples) need those
     tokens' keys and values only once: copy this cache for each batch (:func:`repeat_cache`) and run
     only each row's own suffix, at positions ``len(prefix_ids), ...``. Only the last position's logits
-    are computed (``logits_to_keep=1``).
+    are computed (``logits_to_keep=1``). ``in_place=True`` makes it an :class:`InPlaceCache`, for
+    generating many tokens after the prefix; for one forward pass over the suffixes (scoring) the
+    default ``DynamicCache`` is as fast and holds no spare room.
     """
     prefix = list(prefix_ids)
     if not prefix:
         raise ValueError("prefix_cache needs a non-empty prefix_ids")
     device = next(model.parameters()).device
     ids = torch.tensor([prefix], device=device)
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache = InPlaceCache() if in_place else DynamicCache()
+    return model(input_ids=ids, use_cache=True, past_key_values=cache,
+                 logits_to_keep=1).past_key_values
 
 
 def repeat_cache(cache: Any, rows: int) -> Any:
@@ -267,7 +330,7 @@ class ChatGenerator:
     def _cache(self, prefix: list[int], rows: int) -> Any:
         key = (tuple(prefix), self._weights_version())
         if self._prefix is None or self._prefix[0] != key:
-            self._prefix = (key, prefix_cache(self.model, prefix))
+            self._prefix = (key, prefix_cache(self.model, prefix, in_place=True))
         return repeat_cache(self._prefix[1], rows)
 
     def _options(self) -> dict:
@@ -297,9 +360,7 @@ class ChatGenerator:
             input_ids = torch.tensor([prefix + [pad] * (width - len(s)) + s for s in suffixes])
             mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s)
                                  for s in suffixes])
-            extra = {}
-            if shared:
-                extra["past_key_values"] = self._cache(prefix, len(rows))
+            extra = {"past_key_values": self._cache(prefix, len(rows)) if shared else InPlaceCache()}
             if self.index is not None:
                 from utils.constrained import RegexLogitsProcessor
                 extra["logits_processor"] = [RegexLogitsProcessor(self.index)]
