@@ -5,7 +5,7 @@ from tiny_chatml import CHATML, chatml_tokenizer, tiny_llama
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from utils import chat
-from utils.constrained import TokenIndex, compile_regex, vocabulary_bytes
+from utils.constrained import RegexLogitsProcessor, TokenIndex, compile_regex, vocabulary_bytes
 
 CORPUS = ["What is Python? Python is a programming language.", "The movie was great, a positive review.",
           "The film was dull and bad: negative.", "user assistant system You are a helpful assistant.",
@@ -281,11 +281,58 @@ def test_in_place_cache_crop_select_repeat_and_copy(model):
     assert kept.get_seq_length() == 5
     torch.testing.assert_close(kept.layers[1].values, reference.layers[1].values[..., :5, :])
     for c in (cache, reference):
-        c.batch_select_indices(torch.tensor([1]))
-        c.batch_repeat_interleave(3)
+        c.batch_select_indices(torch.tensor([1]))  # rows of the buffer, room kept
+        c.batch_repeat_interleave(3)  # a new tensor: the next update makes a new buffer
+        c.batch_select_indices(torch.tensor([0, 1, 2]))  # (before that update) plain indexing
     nxt = torch.randint(3, 60, (3, 1))
     with torch.no_grad():
         ours = model(input_ids=nxt, past_key_values=cache).logits
         theirs = model(input_ids=nxt, past_key_values=reference).logits
     torch.testing.assert_close(ours, theirs)
     assert cache.get_seq_length() == 8 and cache.layers[0].keys.shape[0] == 3
+
+
+@pytest.mark.parametrize("pattern", ["(yes|no)( yes| no){0,3}", "[a-z ]{0,12}"])
+def test_chat_generator_drops_finished_rows_and_still_equals_generate(model, tokenizer, pattern):
+    index = TokenIndex(compile_regex(pattern), vocabulary_bytes(tokenizer), tokenizer.eos_token_id)
+    chats = [[*SYSTEM, {"role": "user", "content": q}]
+             for q in ["What is Python?", "a positive review", "bad", "The movie was great",
+                       "dull film", "Sources", "Answer", "negative"]]
+    ours = chat.ChatGenerator(model, tokenizer, 10, index=index, batch_size=8)(chats)
+    theirs = chat.generate_replies(model, tokenizer, chats, max_new_tokens=10, batch_size=8,
+                                   processor=lambda: RegexLogitsProcessor(index))
+    assert ours == theirs
+    lengths = {len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in ours}
+    assert len(lengths) > 1  # rows finished at different steps: the batch shrank on the way
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def testshared_prefix_attention_equals_attention_over_the_concatenation(q_len, masked):
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, dim, prefix_len, own_len = 3, 6, 2, 8, 5, 7
+    query = torch.randn(rows, heads, q_len, dim, generator=gen)
+    key, value = (torch.randn(rows, kv_heads, own_len, dim, generator=gen) for _ in range(2))
+    prefix = DynamicCache()
+    prefix.update(*(torch.randn(1, kv_heads, prefix_len, dim, generator=gen) for _ in range(2)), 0)
+    causal = torch.ones(q_len, own_len, dtype=torch.bool).tril(own_len - q_len)
+    visible = causal[None, None].repeat(rows, 1, 1, 1)
+    if masked:
+        visible[0, :, :, :2] = False  # row 0's first two own keys are padding
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups = 0, heads // kv_heads
+    ours, _ = chat.shared_prefix_attention(module, query, key, value,
+                                            visible if masked else None, scaling=0.3,
+                                            shared_prefix=prefix)
+    full_k = torch.cat([prefix.layers[0].keys.expand(rows, -1, -1, -1), key], dim=2)
+    full_v = torch.cat([prefix.layers[0].values.expand(rows, -1, -1, -1), value], dim=2)
+    full_mask = torch.cat([torch.ones(rows, 1, q_len, prefix_len, dtype=torch.bool), visible], 3)
+    theirs = torch.nn.functional.scaled_dot_product_attention(
+        query, full_k.repeat_interleave(heads // kv_heads, 1),
+        full_v.repeat_interleave(heads // kv_heads, 1), attn_mask=full_mask, scale=0.3)
+    torch.testing.assert_close(ours, theirs.transpose(1, 2))
+    plain, _ = chat.shared_prefix_attention(module, query, key, value, visible, scaling=0.3)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=visible,
+        scale=0.3)
+    torch.testing.assert_close(plain, reference.transpose(1, 2))  # no prefix: SDPA itself

@@ -17,21 +17,29 @@ One rule per idea, decided here once:
   with each step's keys and values written into spare room (as :class:`utils.kvcache.KVCache` does)
   instead of concatenated onto a new copy of the whole cache; the generation helpers here use it.
 - **A shared prefix, run once.** :func:`prefix_cache` runs a prompt prefix once and keeps its
-  key/value cache; :func:`repeat_cache` copies it for a batch of rows. :class:`ChatGenerator` uses
-  both to reply to many chats that share a system prompt or examples (greedy or sampled, optionally
-  under a token mask); :mod:`utils.prompting` and :mod:`utils.hf_llama` use them to score or encode
-  many suffixes after one prefix.
+  key/value cache; :func:`repeat_cache` copies it for a batch of rows: :mod:`utils.prompting` and
+  :mod:`utils.hf_llama` use them to score or encode many suffixes after one prefix.
+- **A shared prefix, read once.** :class:`ChatGenerator` replies to many chats that share a system
+  prompt or examples (greedy or sampled, optionally under a token mask). It keeps the prefix's cache
+  as one row and never copies it: its attention (:func:`shared_prefix_attention`, registered with
+  ``transformers`` as :data:`SHARED_PREFIX_ATTENTION`) scores every row's queries against the
+  prefix with one matrix product and against the row's own keys apart, under one softmax; rows
+  that have finished leave the batch.
 - :data:`IGNORE_INDEX`: the label that cross-entropy (ours and transformers') skips.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from utils.checks import check_positive_int
 
@@ -39,6 +47,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatGenerator",
     "InPlaceCache",
+    "SHARED_PREFIX_ATTENTION",
     "chat_ids",
     "generate_replies",
     "greedy_continuations",
@@ -50,6 +59,7 @@ __all__ = [
     "prompt_tokens",
     "render_prompt",
     "repeat_cache",
+    "shared_prefix_attention",
 ]
 
 IGNORE_INDEX = -100  # label value that cross-entropy (ours and transformers') skips
@@ -239,6 +249,17 @@ class _InPlaceLayer(DynamicLayer):
         self.values = buffers[1][..., :length + new, :]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # Select rows of the buffer itself, so the spare room survives (one copy, not two).
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or self.keys.data_ptr() != buffers[0].data_ptr():
+            super().batch_select_indices(indices)
+            return
+        length = self.keys.shape[-2]
+        self._buffers = (buffers[0][indices], buffers[1][indices])
+        self.keys = self._buffers[0][..., :length, :]
+        self.values = self._buffers[1][..., :length, :]
+
 
 class InPlaceCache(DynamicCache):
     """``transformers``' ``DynamicCache`` that appends each step's keys and values in place.
@@ -258,28 +279,103 @@ class InPlaceCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=_InPlaceLayer)
 
 
+# ================================================= attention to a shared prefix, read once per step
+
+SHARED_PREFIX_ATTENTION = "llms_executed_shared_prefix"  # the name transformers knows it by
+
+
+def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, shared_prefix: Any = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over ``[shared prefix; each row's own keys]`` with the prefix stored once.
+
+    ``shared_prefix`` is a one-row cache of the prefix (:func:`prefix_cache`); ``key``/``value`` are
+    the rows' own (batch, kv heads, S, head dim) and ``attention_mask`` (a boolean mask over them, or
+    None for causal) masks only those. The prefix is visible to every query, so at a decoding step
+    (one query per row) its scores for all rows come from one matrix product per key/value head,
+    reading its keys and values once instead of once per row; one softmax over both parts (a shared
+    maximum and a shared sum) makes it the same attention as over the concatenation, up to float
+    rounding. (For many queries per row, the rows' prompts, it runs SDPA over the concatenation.)
+    For a query with scores
+    $s^{pre} = q K_{pre}^\\top$ and $s^{own} = q K_{own}^\\top$ (scaled, own keys masked):
+
+    $$ m = \\max(\\max_j s^{pre}_j, \\max_j s^{own}_j), \\qquad
+       o = \\frac{\\sum_j e^{s^{pre}_j - m} v^{pre}_j + \\sum_j e^{s^{own}_j - m} v^{own}_j}
+                {\\sum_j e^{s^{pre}_j - m} + \\sum_j e^{s^{own}_j - m}} $$
+
+    Without ``shared_prefix`` it is ``transformers``' SDPA attention.
+    """
+    if shared_prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      **kwargs)
+    layer = shared_prefix.layers[module.layer_idx]
+    k_pre, v_pre = layer.keys[0], layer.values[0]  # (kv heads, P, head dim)
+    rows, heads, q_len, dim = query.shape
+    kv_heads, prefix_len, own_len = key.shape[1], k_pre.shape[1], key.shape[2]
+    if attention_mask is None:  # causal: query t sees its own keys up to S - q_len + t
+        attention_mask = (torch.arange(own_len, device=query.device)[None, :]
+                          <= torch.arange(own_len - q_len, own_len,
+                                          device=query.device)[:, None])[None, None]
+    visible = attention_mask.expand(rows, 1, q_len, own_len)
+    if q_len > 1:
+        # Many own tokens at once (the rows' prompts): the scores of every query against the
+        # prefix are a large tensor that SDPA's fused kernel never builds, so here the prefix is
+        # copied into every row once and SDPA runs over the concatenation (measured faster).
+        full = [torch.cat([t.expand(rows, -1, -1, -1), own], dim=2)
+                for t, own in ((layer.keys, key), (layer.values, value))]
+        seen = torch.cat([visible.new_ones(rows, 1, q_len, prefix_len), visible], dim=3)
+        return sdpa_attention_forward(module, query, *full, seen, scaling=scaling, **kwargs)
+    group = heads // kv_heads  # queries that share one key/value head, per row
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = (query * scale).reshape(rows, kv_heads, group, dim)
+    pre = torch.matmul(q.transpose(0, 1).reshape(kv_heads, rows * group, dim),
+                       k_pre.transpose(1, 2))  # (kv heads, rows * group, P)
+    pre = pre.view(kv_heads, rows, group, prefix_len).transpose(0, 1)
+    own = torch.matmul(q, key.transpose(2, 3))  # (rows, kv heads, group, S)
+    own = own.masked_fill(~visible, float("-inf"))  # the mask broadcasts over the group
+    top = torch.maximum(pre.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+    pre, own = pre.sub_(top).exp_(), own.sub_(top).exp_()
+    total = pre.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)
+    out_pre = torch.matmul(pre.transpose(0, 1).reshape(kv_heads, rows * group, prefix_len), v_pre)
+    out = out_pre.view(kv_heads, rows, group, dim).transpose(0, 1) + torch.matmul(own, value)
+    out = (out / total).reshape(rows, heads, 1, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attention(model: nn.Module, implementation: str):
+    """``model`` runs its attention with ``implementation`` inside the block (restored after)."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
 # ============================================================================ a shared prefix, run once
 
 
 @torch.inference_mode()
-def prefix_cache(model: nn.Module, prefix_ids: Sequence[int], in_place: bool = False) -> Any:
+def prefix_cache(model: nn.Module, prefix_ids: Sequence[int]) -> Any:
     """The key/value cache of ``prefix_ids`` (one row) after one forward pass of ``model``.
 
     Many prompts that start with the same tokens (a system prompt, few-shot examples) need those
     tokens' keys and values only once: copy this cache for each batch (:func:`repeat_cache`) and run
     only each row's own suffix, at positions ``len(prefix_ids), ...``. Only the last position's logits
-    are computed (``logits_to_keep=1``). ``in_place=True`` makes it an :class:`InPlaceCache`, for
-    generating many tokens after the prefix; for one forward pass over the suffixes (scoring) the
-    default ``DynamicCache`` is as fast and holds no spare room.
+    are computed (``logits_to_keep=1``).
     """
     prefix = list(prefix_ids)
     if not prefix:
         raise ValueError("prefix_cache needs a non-empty prefix_ids")
     device = next(model.parameters()).device
     ids = torch.tensor([prefix], device=device)
-    cache = InPlaceCache() if in_place else DynamicCache()
-    return model(input_ids=ids, use_cache=True, past_key_values=cache,
-                 logits_to_keep=1).past_key_values
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
 
 def repeat_cache(cache: Any, rows: int) -> Any:
@@ -298,11 +394,18 @@ class ChatGenerator:
     torch's global generator (seed it once). ``index`` (a :class:`utils.constrained.TokenIndex`)
     constrains every reply to its language. Chats are rendered with the chat template
     (:func:`prompt_ids`); the longest token prefix that all chats of a call share (system prompt,
-    examples) is prefilled once (:func:`prefix_cache`), its cache kept for later calls with the same
-    prefix and the same weights (a training step or ``load_state_dict`` in between makes it run the
-    prefix again) and copied for each batch (:func:`repeat_cache`); every row's own suffix is padded in
-    the middle (attention mask 0), so that positions and greedy output are those of a plain
-    left-padded ``generate`` (:func:`generate_replies`). :meth:`count_tokens` counts a text's tokens.
+    examples) is prefilled once (:func:`prefix_cache`), its one-row cache kept for later calls with
+    the same prefix and the same weights (a training step or ``load_state_dict`` in between makes it
+    run the prefix again). Each batch caches only the rows' own tokens (an :class:`InPlaceCache`);
+    the model's attention is switched, for the call, to :data:`SHARED_PREFIX_ATTENTION`, which reads
+    the prefix's keys and values once for all rows instead of once per row. Every row's own suffix
+    is left-padded (attention mask 0) and numbered from the end of the prefix, so that positions, and
+    greedy output up to float rounding, are those of a plain left-padded ``generate``
+    (:func:`generate_replies`; tested). Decoding is a loop of our own that does what ``generate``
+    does with these settings (the mask, the temperature, the argmax or one sample), with one
+    difference: once a quarter of the batch has emitted EOS, the finished rows leave it, so the rows
+    still writing do not carry them (``generate`` computes every row until the longest reply ends).
+    :meth:`count_tokens` counts a text's tokens.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_new_tokens: int = 40, index=None,
@@ -327,17 +430,70 @@ class ChatGenerator:
         # kept prefix cache is never reused after the weights it was computed with have changed
         return tuple(p._version for p in self.model.parameters())
 
-    def _cache(self, prefix: list[int], rows: int) -> Any:
+    def _prefix_kv(self, prefix: list[int]) -> Any:
+        # The prefix's one-row cache, kept while the prefix and the weights stay the same; it is
+        # only read (by the shared-prefix attention), never copied or appended to.
         key = (tuple(prefix), self._weights_version())
         if self._prefix is None or self._prefix[0] != key:
-            self._prefix = (key, prefix_cache(self.model, prefix, in_place=True))
-        return repeat_cache(self._prefix[1], rows)
+            self._prefix = (key, prefix_cache(self.model, prefix))
+        return self._prefix[1]
 
-    def _options(self) -> dict:
+    def _next_tokens(self, logits: torch.Tensor, states: list[int] | None) -> torch.Tensor:
+        # What generate does with these settings: the mask (a constraint), the temperature, then
+        # the argmax or one sample from the softmax.
+        if states is not None:
+            from utils.constrained import mask_logits
+            masks = torch.stack([self.index.allowed_mask(s, logits.shape[-1]) for s in states])
+            logits = mask_logits(logits, masks)
         if self.temperature is None:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": float(self.temperature), "top_k": 0,
-                "top_p": 1.0}
+            return logits.argmax(dim=-1)
+        probs = (logits / float(self.temperature)).softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                prefix: Any) -> list[list[int]]:
+        """New tokens of every row (EOS not included): greedy or sampled, masked by ``index``.
+
+        ``ids``, ``mask`` and ``pos`` are the rows' own tokens, their attention mask and positions;
+        ``prefix`` is the shared prefix's one-row cache (or None), read by the shared-prefix
+        attention. A row that has emitted EOS is finished: what it computes afterwards is thrown
+        away. Once a quarter of the batch has finished, the finished rows leave it (their cache rows
+        dropped: one copy of the rows' cache), so the rows still writing stop carrying them;
+        dropping every row the moment it finishes would copy the cache too often."""
+        eos = self.tokenizer.eos_token_id
+        past = InPlaceCache()
+        extra = {} if prefix is None else {"shared_prefix": prefix}
+        rows = list(range(ids.shape[0]))  # the reply each batch row writes
+        done = [False] * len(rows)
+        tokens: list[list[int]] = [[] for _ in rows]
+        states = None if self.index is None else [0] * len(rows)
+        for _ in range(self.max_new_tokens):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             past_key_values=past, use_cache=True, logits_to_keep=1, **extra)
+            chosen = self._next_tokens(out.logits[:, -1].float(), states).tolist()
+            for j, token in enumerate(chosen):
+                if done[j]:
+                    continue
+                if token == eos:
+                    done[j] = True
+                    continue
+                tokens[rows[j]].append(token)
+                if states is not None:
+                    states[j] = self.index.next_state(states[j], token)
+            if all(done):
+                break
+            if sum(done) >= max(1, len(rows) // 4):
+                keep = [j for j in range(len(rows)) if not done[j]]
+                index = torch.tensor(keep, device=mask.device)
+                past.batch_select_indices(index)
+                mask, pos = mask[index], pos[index]
+                rows, chosen = [rows[j] for j in keep], [chosen[j] for j in keep]
+                states = None if states is None else [states[j] for j in keep]
+                done = [False] * len(rows)
+            ids = torch.tensor([[token] for token in chosen], device=mask.device)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            pos = pos[:, -1:] + 1
+        return tokens
 
     @torch.inference_mode()
     def __call__(self, chats: list[list[dict]]) -> list[str]:
@@ -360,15 +516,12 @@ class ChatGenerator:
             input_ids = torch.tensor([prefix + [pad] * (width - len(s)) + s for s in suffixes])
             mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s)
                                  for s in suffixes])
-            extra = {"past_key_values": self._cache(prefix, len(rows)) if shared else InPlaceCache()}
-            if self.index is not None:
-                from utils.constrained import RegexLogitsProcessor
-                extra["logits_processor"] = [RegexLogitsProcessor(self.index)]
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=self.max_new_tokens, num_beams=1,
-                                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-                                      **self._options(), **extra)
-            for i, row in zip(rows, out[:, input_ids.shape[1]:]):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers them
+            args = [t[:, shared:].to(device) for t in (input_ids, mask, positions)]
+            prefix_kv = self._prefix_kv(prefix) if shared else None
+            with _attention(self.model, SHARED_PREFIX_ATTENTION):
+                new = self._decode(*args, prefix=prefix_kv)
+            for i, row in zip(rows, new):
                 replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
         self.model.train(was_training)
         return replies
