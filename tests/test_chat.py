@@ -261,7 +261,7 @@ def test_in_place_cache_equals_dynamic_cache(model, tokenizer, monkeypatch):
                                     return_dict_in_generate=True)
     assert torch.equal(runs["in place"].sequences, runs["dynamic"].sequences)
     for ours, theirs in zip(runs["in place"].scores, runs["dynamic"].scores):
-        torch.testing.assert_close(ours, theirs)
+        assert torch.equal(ours, theirs)
     layer = runs["in place"].past_key_values.layers[0]
     assert isinstance(layer, chat._InPlaceLayer)
     assert layer.keys.shape[-2] == ids.shape[1] + 11  # the last token is never fed back
@@ -293,22 +293,28 @@ def test_in_place_cache_crop_select_repeat_and_copy(model):
 
 
 @pytest.mark.parametrize("pattern", ["(yes|no)( yes| no){0,3}", "[a-z ]{0,12}"])
-def test_chat_generator_drops_finished_rows_and_still_equals_generate(model, tokenizer, pattern):
+def test_chat_generator_drops_finished_rows_and_still_equals_generate(model, tokenizer, pattern,
+                                                                      monkeypatch):
     index = TokenIndex(compile_regex(pattern), vocabulary_bytes(tokenizer), tokenizer.eos_token_id)
     chats = [[*SYSTEM, {"role": "user", "content": q}]
              for q in ["What is Python?", "a positive review", "bad", "The movie was great",
                        "dull film", "Sources", "Answer", "negative"]]
+    sizes = []
+    select = chat._InPlaceLayer.batch_select_indices
+    monkeypatch.setattr(chat._InPlaceLayer, "batch_select_indices",
+                        lambda self, rows: sizes.append(len(rows)) or select(self, rows))
     ours = chat.ChatGenerator(model, tokenizer, 10, index=index, batch_size=8)(chats)
     theirs = chat.generate_replies(model, tokenizer, chats, max_new_tokens=10, batch_size=8,
                                    processor=lambda: RegexLogitsProcessor(index))
     assert ours == theirs
+    assert sizes and min(sizes) < 8  # the batch did shrink
     lengths = {len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in ours}
     assert len(lengths) > 1  # rows finished at different steps: the batch shrank on the way
 
 
 @pytest.mark.parametrize("q_len", [1, 4])
 @pytest.mark.parametrize("masked", [False, True])
-def testshared_prefix_attention_equals_attention_over_the_concatenation(q_len, masked):
+def test_shared_prefix_attention_equals_attention_over_the_concatenation(q_len, masked):
     gen = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, dim, prefix_len, own_len = 3, 6, 2, 8, 5, 7
     query = torch.randn(rows, heads, q_len, dim, generator=gen)
@@ -336,3 +342,44 @@ def testshared_prefix_attention_equals_attention_over_the_concatenation(q_len, m
         query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=visible,
         scale=0.3)
     torch.testing.assert_close(plain, reference.transpose(1, 2))  # no prefix: SDPA itself
+
+
+def test_chat_generator_falls_back_where_its_attention_does_not_fit(tokenizer):
+    model = tiny_llama(tokenizer, num_hidden_layers=2, max_position_embeddings=256)
+    chats = [[*SYSTEM, {"role": "user", "content": q}] for q in ["What is Python?", "bad"]]
+    model.config.attn_logit_softcapping = 50.0  # as Gemma 2 reports it (Llama's code ignores it)
+    want = chat.generate_replies(model, tokenizer, chats, max_new_tokens=5)
+    assert chat.ChatGenerator(model, tokenizer, max_new_tokens=5)(chats) == want  # copied prefix
+    assert model.config._attn_implementation != chat.SHARED_PREFIX_ATTENTION
+    prefix = DynamicCache()
+    prefix.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    with pytest.raises(ValueError, match="softcap"):
+        chat.shared_prefix_attention(module, torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4),
+                                     torch.zeros(1, 1, 1, 4), None, shared_prefix=prefix,
+                                     softcap=30.0)
+
+
+def test_shared_prefix_attention_in_half_precision_does_not_overflow():
+    rows, prefix_len = 2, 8000
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    prefix = DynamicCache()
+    prefix.update(torch.zeros(1, 1, prefix_len, 4, dtype=torch.float16),
+                  torch.full((1, 1, prefix_len, 4), 30.0, dtype=torch.float16), 0)
+    out, _ = chat.shared_prefix_attention(
+        module, torch.zeros(rows, 2, 1, 4, dtype=torch.float16),
+        torch.zeros(rows, 1, 3, 4, dtype=torch.float16),
+        torch.full((rows, 1, 3, 4), 30.0, dtype=torch.float16), None, shared_prefix=prefix)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.full_like(out.float(), 30.0))
+
+
+def test_in_place_cache_concatenates_while_autograd_records(model):
+    x = torch.randint(3, 60, (1, 6))
+    cache = chat.InPlaceCache()
+    loss = sum(model(input_ids=x[:, i:i + 3], past_key_values=cache).logits.sum() for i in (0, 3))
+    loss.backward()  # no "modified by an inplace operation"
+    assert cache.get_seq_length() == 6
+    model.zero_grad()

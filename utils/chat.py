@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -227,6 +227,12 @@ class _InPlaceLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key_states``/``value_states`` after the filled positions; return the views of
+        all filled positions. With autograd recording (tensors that need gradients), append by
+        concatenation as ``DynamicLayer`` does: an in-place write would overwrite tensors saved
+        for the backward pass."""
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.keys.shape[-2] if self.keys.numel() else 0
@@ -309,6 +315,11 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       **kwargs)
+    unsupported = [name for name in ("softcap", "sliding_window", "s_aux", "position_bias")
+                   if kwargs.get(name) is not None] + (["dropout"] if kwargs.get("dropout") else [])
+    if unsupported:
+        raise ValueError(f"shared_prefix_attention does not implement {unsupported}; this model "
+                         "needs its own attention (ChatGenerator falls back for such models)")
     layer = shared_prefix.layers[module.layer_idx]
     k_pre, v_pre = layer.keys[0], layer.values[0]  # (kv heads, P, head dim)
     rows, heads, q_len, dim = query.shape
@@ -334,17 +345,33 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     pre = pre.view(kv_heads, rows, group, prefix_len).transpose(0, 1)
     own = torch.matmul(q, key.transpose(2, 3))  # (rows, kv heads, group, S)
     own = own.masked_fill(~visible, float("-inf"))  # the mask broadcasts over the group
+    pre, own = pre.float(), own.float()  # the softmax in float32 (no copy for float32 models)
     top = torch.maximum(pre.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
     pre, own = pre.sub_(top).exp_(), own.sub_(top).exp_()
     total = pre.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)
-    out_pre = torch.matmul(pre.transpose(0, 1).reshape(kv_heads, rows * group, prefix_len), v_pre)
-    out = out_pre.view(kv_heads, rows, group, dim).transpose(0, 1) + torch.matmul(own, value)
-    out = (out / total).reshape(rows, heads, 1, dim)
+    pre, own = pre.div_(total), own.div_(total)  # weights first: no overflow in half precision
+    out_pre = torch.matmul(pre.transpose(0, 1).reshape(kv_heads, rows * group, prefix_len),
+                           v_pre.float())
+    out = out_pre.view(kv_heads, rows, group, dim).transpose(0, 1) + torch.matmul(own,
+                                                                                  value.float())
+    out = out.to(query.dtype).reshape(rows, heads, 1, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _splits_attention(model: nn.Module) -> bool:
+    """Whether :func:`shared_prefix_attention` can stand in for ``model``'s attention: the model
+    calls transformers' attention functions, and every layer attends to all earlier tokens with
+    no logit soft-capping (no sliding window, as in Gemma 2 or Mistral's sliding layers)."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    full = (all(t == "full_attention" for t in layer_types) if layer_types
+            else getattr(config, "sliding_window", None) is None)
+    return (bool(getattr(model, "_supports_attention_backend", False)) and full
+            and getattr(config, "attn_logit_softcapping", None) is None)
+
+
 @contextlib.contextmanager
-def _attention(model: nn.Module, implementation: str):
+def _attention(model: nn.Module, implementation: str) -> Iterator[None]:
     """``model`` runs its attention with ``implementation`` inside the block (restored after)."""
     before = model.config._attn_implementation
     model.config._attn_implementation = implementation
@@ -405,7 +432,8 @@ class ChatGenerator:
     does with these settings (the mask, the temperature, the argmax or one sample), with one
     difference: once a quarter of the batch has emitted EOS, the finished rows leave it, so the rows
     still writing do not carry them (``generate`` computes every row until the longest reply ends).
-    :meth:`count_tokens` counts a text's tokens.
+    Settings in the model's ``generation_config`` (a repetition penalty and the like) are not
+    applied. :meth:`count_tokens` counts a text's tokens.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_new_tokens: int = 40, index=None,
@@ -450,18 +478,20 @@ class ChatGenerator:
         probs = (logits / float(self.temperature)).softmax(dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1)
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past: Any,
                 prefix: Any) -> list[list[int]]:
         """New tokens of every row (EOS not included): greedy or sampled, masked by ``index``.
 
-        ``ids``, ``mask`` and ``pos`` are the rows' own tokens, their attention mask and positions;
-        ``prefix`` is the shared prefix's one-row cache (or None), read by the shared-prefix
-        attention. A row that has emitted EOS is finished: what it computes afterwards is thrown
-        away. Once a quarter of the batch has finished, the finished rows leave it (their cache rows
+        ``ids`` and ``pos`` are the tokens not yet in the cache ``past`` and their positions,
+        ``mask`` the attention mask over the cache and them; ``prefix`` is the shared prefix's
+        one-row cache when the shared-prefix attention reads it (else None). A row that has
+        emitted EOS is finished: what it computes afterwards is thrown away. Once a quarter of the batch has finished, the finished rows leave it (their cache rows
         dropped: one copy of the rows' cache), so the rows still writing stop carrying them;
         dropping every row the moment it finishes would copy the cache too often."""
-        eos = self.tokenizer.eos_token_id
-        past = InPlaceCache()
+        stop = self.tokenizer.eos_token_id
+        if stop is None:  # the model's own stopping rule
+            stop = self.model.generation_config.eos_token_id
+        stop = set(stop) if isinstance(stop, (list, tuple)) else {stop}
         extra = {} if prefix is None else {"shared_prefix": prefix}
         rows = list(range(ids.shape[0]))  # the reply each batch row writes
         done = [False] * len(rows)
@@ -474,7 +504,7 @@ class ChatGenerator:
             for j, token in enumerate(chosen):
                 if done[j]:
                     continue
-                if token == eos:
+                if token in stop:
                     done[j] = True
                     continue
                 tokens[rows[j]].append(token)
@@ -503,10 +533,16 @@ class ChatGenerator:
         shared = 0  # the shared prefix, leaving every row at least one token of its own
         while shared < min(map(len, ids)) - 1 and all(r[shared] == ids[0][shared] for r in ids):
             shared += 1
-        prefix, pad = ids[0][:shared], pad_token_id(self.tokenizer)
-        device = next(self.model.parameters()).device
+        pad = pad_token_id(self.tokenizer)
         was_training = self.model.training
         self.model.eval()
+        try:
+            return self._reply(ids, shared, pad)
+        finally:
+            self.model.train(was_training)
+
+    def _reply(self, ids: list[list[int]], shared: int, pad: int) -> list[str]:
+        prefix, device = ids[0][:shared], next(self.model.parameters()).device
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         replies = [""] * len(ids)
         for start in range(0, len(order), self.batch_size):
@@ -517,11 +553,14 @@ class ChatGenerator:
             mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s)
                                  for s in suffixes])
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers them
-            args = [t[:, shared:].to(device) for t in (input_ids, mask, positions)]
-            prefix_kv = self._prefix_kv(prefix) if shared else None
-            with _attention(self.model, SHARED_PREFIX_ATTENTION):
-                new = self._decode(*args, prefix=prefix_kv)
+            own = [t[:, shared:].to(device) for t in (input_ids, mask, positions)]
+            if shared and _splits_attention(self.model):
+                with _attention(self.model, SHARED_PREFIX_ATTENTION):
+                    new = self._decode(*own, InPlaceCache(), self._prefix_kv(prefix))
+            else:  # the prefix's cache copied into every row, the model's own attention
+                past = (repeat_cache(self._prefix_kv(prefix), len(rows)) if shared
+                        else InPlaceCache())
+                new = self._decode(own[0], mask.to(device), own[2], past, None)
             for i, row in zip(rows, new):
                 replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-        self.model.train(was_training)
         return replies
